@@ -1,0 +1,286 @@
+"""Typed, serialisable model configs.
+
+A `ModelConfig` describes a decoder-only LM; its optional `moe` field (a `MoEConfig`) turns some or
+all feed-forward layers into Mixture-of-Experts layers. Both are plain dataclasses that round-trip
+through JSON (`to_dict` / `from_dict`) and are validated at construction, so a bad value fails with
+a message that names the field instead of surfacing later as a shape error deep in a forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moekit.errors import MoekitError
+
+ROUTERS = ("topk_softmax", "softmax_topk", "sigmoid_topk", "soft")
+"""Router scoring variants.
+
+- ``topk_softmax``: pick top-k logits, softmax over just those (Mixtral, gpt-oss).
+- ``softmax_topk``: softmax over all experts, take top-k probabilities, optionally renormalise
+  (``norm_topk_prob``; Qwen-MoE, OLMoE, Switch with k=1, DeepSeek-V2).
+- ``sigmoid_topk``: independent sigmoid scores, selection may add a correction bias and be
+  group-limited, weights optionally renormalised and scaled (DeepSeek-V3, Llama 4 with k=1).
+- ``soft``: every expert runs, outputs mixed by the full softmax (dense "soft MoE" baseline).
+"""
+EXPERT_ACTS = ("swiglu", "geglu", "gelu")
+DROP_POLICIES = ("score", "position")
+GROUP_SCORES = ("top2_sum", "max")
+ATTENTIONS = ("gqa", "mla")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+class ConfigError(MoekitError, ValueError):
+    """A config value moekit cannot use; the message names the field and the fix."""
+
+
+def _fail(field_name: str, msg: str) -> None:
+    raise ConfigError(f"config field `{field_name}`: {msg}")
+
+
+@dataclass
+class MoEConfig:
+    """The MoE part of a layer: router, experts, dispatch and balancing."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_dim: int = 1024
+    """Hidden width of one routed expert (HF: `moe_intermediate_size` / `intermediate_size`)."""
+    expert_act: str = "swiglu"
+    router: str = "topk_softmax"
+    norm_topk_prob: bool = False
+    """Renormalise the chosen k weights to sum to 1 (softmax_topk / sigmoid_topk)."""
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    """Group-limited routing: experts split into n_group groups, only topk_group groups eligible."""
+    topk_group: int = 1
+    group_score: str = "top2_sum"
+    """How a group is scored: sum of its top-2 scores (DeepSeek-V3) or its max (DeepSeek-V2)."""
+    router_bias: bool = False
+    """A learned bias on the router logits (rare; gpt-oss)."""
+    score_correction_bias: bool = False
+    """Per-expert bias added to scores for *selection only* (DeepSeek-V3 `e_score_correction_bias`);
+    it is what aux-loss-free balancing adjusts."""
+    bias_update_rate: float = 0.0
+    """Aux-loss-free balancing step size gamma (0 = off). Needs `score_correction_bias`."""
+    noisy_gating: bool = False
+    """Shazeer 2017 noisy top-k gating: learned per-expert noise std, active in training only."""
+    jitter_eps: float = 0.0
+    """Multiplicative input jitter U(1-eps, 1+eps) on the router input in training (Switch)."""
+    weight_on_input: bool = False
+    """Scale the expert *input* by the routing weight instead of its output (Llama 4)."""
+    num_shared_experts: int = 0
+    shared_expert_dim: int = 0
+    """Total hidden width of the shared expert FFN (all shared experts fused into one)."""
+    shared_expert_gate: bool = False
+    """Sigmoid gate on the shared expert output (Qwen2-MoE)."""
+    capacity_factor: float | None = None
+    """None = dropless. Else each expert takes at most ceil(cf * T * k / E) assignments."""
+    drop_policy: str = "score"
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    seq_aux_loss: bool = False
+    """Compute the balance loss per sequence and average (DeepSeek-V3's sequence-wise loss)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.num_experts < 1:
+            _fail("moe.num_experts", f"must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            _fail("moe.top_k", f"must be between 1 and num_experts={self.num_experts}, got {self.top_k}; "
+                  "lower top_k or add experts")
+        if self.expert_dim < 1:
+            _fail("moe.expert_dim", f"must be >= 1, got {self.expert_dim}")
+        if self.router not in ROUTERS:
+            _fail("moe.router", f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+        if self.expert_act not in EXPERT_ACTS:
+            _fail("moe.expert_act", f"unknown activation {self.expert_act!r}; choose one of {', '.join(EXPERT_ACTS)}")
+        if self.drop_policy not in DROP_POLICIES:
+            _fail("moe.drop_policy", f"unknown policy {self.drop_policy!r}; choose one of {', '.join(DROP_POLICIES)}")
+        if self.group_score not in GROUP_SCORES:
+            _fail("moe.group_score", f"unknown {self.group_score!r}; choose one of {', '.join(GROUP_SCORES)}")
+        if self.n_group < 1 or self.num_experts % self.n_group:
+            _fail("moe.n_group", f"must divide num_experts={self.num_experts}, got {self.n_group}")
+        if self.n_group > 1:
+            if not 1 <= self.topk_group <= self.n_group:
+                _fail("moe.topk_group", f"must be in 1..n_group={self.n_group}, got {self.topk_group}")
+            if self.top_k > self.topk_group * (self.num_experts // self.n_group):
+                _fail("moe.topk_group", "top_k exceeds the experts in the eligible groups; raise topk_group")
+            if self.group_score == "top2_sum" and self.num_experts // self.n_group < 2:
+                _fail("moe.group_score", "top2_sum needs at least 2 experts per group; use 'max'")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            _fail("moe.capacity_factor", f"must be > 0 or null (dropless), got {self.capacity_factor}")
+        if self.bias_update_rate and not self.score_correction_bias:
+            _fail("moe.bias_update_rate", "aux-loss-free balancing needs score_correction_bias=true")
+        if self.shared_expert_dim < 0 or (self.num_shared_experts > 0) != (self.shared_expert_dim > 0):
+            _fail("moe.shared_expert_dim", "set num_shared_experts > 0 together with shared_expert_dim > 0")
+        if self.router == "soft" and self.top_k != self.num_experts:
+            _fail("moe.top_k", "the soft router runs every expert: set top_k = num_experts")
+        if not 0 <= self.jitter_eps < 1:
+            _fail("moe.jitter_eps", f"must be in [0, 1), got {self.jitter_eps}")
+
+    @property
+    def gated(self) -> bool:
+        return self.expert_act in ("swiglu", "geglu")
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer LM, dense or MoE."""
+
+    name: str = "custom"
+    vocab_size: int = 8192
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    ffn_dim: int = 1024
+    """Width of dense SwiGLU FFN layers (dense model, leading dense layers, interleaved layers)."""
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    """HF-style rope_scaling dict: {"rope_type": "linear"|"dynamic"|"llama3"|"yarn", "factor": ...}."""
+    tie_embeddings: bool = False
+    qk_norm: bool = False
+    """RMSNorm on each head's q and k (Qwen3, OLMoE applies it over the full projection: see qk_norm_full)."""
+    qk_norm_full: bool = False
+    """q/k norm over the whole projected vector rather than per head (OLMoE)."""
+    attn_bias: bool = False
+    """Bias on q/k/v projections (Qwen2)."""
+    attention: str = "gqa"
+    # Multi-head latent attention (DeepSeek-V2/V3); used when attention == "mla".
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 512
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 128
+    v_head_dim: int = 128
+    # Llama 4: layers without RoPE (they use temperature tuning / chunked attention in HF).
+    no_rope_layers: list[int] = field(default_factory=list)
+    attention_chunk_size: int | None = None
+    moe: MoEConfig | None = None
+    first_k_dense: int = 0
+    """The first k layers use a dense FFN (DeepSeek `first_k_dense_replace`)."""
+    moe_every: int = 1
+    """Layer i is MoE when (i + 1) % moe_every == 0 (Qwen `decoder_sparse_step`, Llama 4 interleave)."""
+    dense_layers: list[int] = field(default_factory=list)
+    """Explicit dense layers (Qwen `mlp_only_layers`)."""
+    init_std: float = 0.02
+    source: str = ""
+    """Where the numbers come from (e.g. the HF config.json a preset copies)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        self.validate()
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def hd(self) -> int:
+        """Per-head dim of q/k/v for GQA attention."""
+        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (
+            self.moe is not None
+            and i >= self.first_k_dense
+            and i not in self.dense_layers
+            and (i + 1) % self.moe_every == 0
+        )
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_layers)
+
+    # -------------------------------------------------------------- validation
+    def validate(self) -> None:
+        for f in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+            if getattr(self, f) < 1:
+                _fail(f, f"must be >= 1, got {getattr(self, f)}")
+        if self.attention not in ATTENTIONS:
+            _fail("attention", f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}")
+        if self.attention == "gqa":
+            if self.head_dim is None and self.dim % self.n_heads:
+                _fail("n_heads", f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
+                      "change n_heads or set head_dim explicitly")
+            if self.kv_heads < 1 or self.n_heads % self.kv_heads:
+                _fail("n_kv_heads", f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
+            if self.hd % 2:
+                _fail("head_dim", f"RoPE needs an even head dim, got {self.hd}")
+        else:
+            if self.qk_rope_head_dim % 2:
+                _fail("qk_rope_head_dim", f"RoPE needs an even dim, got {self.qk_rope_head_dim}")
+        if self.rope_scaling is not None:
+            rt = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if rt not in ROPE_TYPES:
+                _fail("rope_scaling.rope_type", f"unsupported {rt!r}; supported: {', '.join(ROPE_TYPES)}")
+        if self.moe_every < 1:
+            _fail("moe_every", f"must be >= 1, got {self.moe_every}")
+        if not 0 <= self.first_k_dense <= self.n_layers:
+            _fail("first_k_dense", f"must be in 0..n_layers={self.n_layers}, got {self.first_k_dense}")
+        if self.moe is not None:
+            self.moe.validate()
+
+    # --------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        d.pop("moekit_version", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+        moe = d.get("moe")
+        if isinstance(moe, dict):
+            mknown = {f.name for f in dataclasses.fields(MoEConfig)}
+            bad = sorted(set(moe) - mknown)
+            if bad:
+                raise ConfigError(f"unknown moe config field(s) {bad}; known fields: {sorted(mknown)}")
+            d["moe"] = MoEConfig(**moe)
+        try:
+            return cls(**d)
+        except TypeError as e:  # wrong value types that dataclasses can't catch
+            raise ConfigError(f"bad config: {e}") from None
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps({"moekit_version": 1, **self.to_dict()}, indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> ModelConfig:
+        p = Path(path_or_text)
+        text = p.read_text() if p.exists() else str(path_or_text)
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def capacity(num_tokens: int, cfg: MoEConfig) -> int:
+    """Per-expert capacity in assignments: ceil(capacity_factor * T * k / E)."""
+    assert cfg.capacity_factor is not None
+    return max(1, math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.num_experts))

@@ -1,0 +1,82 @@
+"""`moekit info`: what a model is, how many parameters it has (total and active), and how much
+memory its weights take at each precision."""
+
+from __future__ import annotations
+
+import json as _json
+
+from moekit.model.params import COMPONENTS, count_params, dense_equivalent, weight_bytes
+
+GIB = 1024**3
+
+
+def model_info(model: str) -> dict:
+    """Info as a JSON-ready dict for a preset name, config.json or model directory."""
+    from moekit import resolve_config
+
+    cfg = resolve_config(model)
+    pc = count_params(cfg)
+    dense = count_params(dense_equivalent(cfg)) if cfg.is_moe else None
+    return {
+        "name": cfg.name,
+        "config": cfg.to_dict(),
+        "params": pc.to_dict(),
+        "weight_bytes": {dt: weight_bytes(pc, dt) for dt in ("bf16", "int8", "int4")},
+        "moe_layers": cfg.moe_layers,
+        "dense_equivalent_active_params": dense.active_params if dense else None,
+    }
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def info(model: str, json: bool = False) -> int:
+    """Show a model's config, total and active parameters by component, and weight memory.
+
+    Args:
+        model: a preset name (see `moekit info --help`), a config.json, or a model directory.
+        json: print JSON instead of tables.
+    """
+    d = model_info(model)
+    if json:
+        print(_json.dumps(d, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    cfg = d["config"]
+    moe = cfg.get("moe")
+    desc = f"{cfg['n_layers']} layers, dim {cfg['dim']}, {cfg['n_heads']} heads ({cfg['n_kv_heads'] or cfg['n_heads']} kv), vocab {cfg['vocab_size']}"
+    if moe:
+        desc += (f"; MoE in layers {d['moe_layers']}: {moe['num_experts']} experts x {moe['expert_dim']} wide, "
+                 f"top-{moe['top_k']} ({moe['router']})")
+        if moe["num_shared_experts"]:
+            desc += f", shared expert {moe['shared_expert_dim']} wide"
+    con.print(f"[bold]{d['name']}[/bold]: {desc}")
+    if cfg.get("source"):
+        con.print(f"source: {cfg['source']}")
+    t = Table(title="parameters")
+    t.add_column("component")
+    t.add_column("total", justify="right")
+    t.add_column("active / token", justify="right")
+    p = d["params"]
+    for c in COMPONENTS:
+        if p["total"].get(c):
+            t.add_row(c, _fmt(p["total"][c]), _fmt(p["active"][c]))
+    t.add_row("[bold]all[/bold]", f"[bold]{_fmt(p['total_params'])}[/bold]", f"[bold]{_fmt(p['active_params'])}[/bold]")
+    t.add_row("all, without input embedding", "", _fmt(p["active_params_no_embedding"]))
+    con.print(t)
+    m = Table(title="weight memory")
+    for col in ("precision", "bytes", "GiB"):
+        m.add_column(col, justify="right")
+    for dt, b in d["weight_bytes"].items():
+        m.add_row(dt, f"{b:,}", f"{b / GIB:.3f}")
+    con.print(m)
+    if d["dense_equivalent_active_params"]:
+        con.print(f"dense equivalent (same active params): {_fmt(d['dense_equivalent_active_params'])} params")
+    return 0

@@ -1,0 +1,114 @@
+"""Norms, grouped-query attention and the preallocated KV cache.
+
+Shape legend: B batch, S new tokens, L keys attended (cache prefix + new), D model dim,
+H query heads, G kv heads, Dh head dim, M max cache length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, cast back before the weight (Llama/HF convention, so imported
+    models match their reference bit for bit in fp32 and to rounding in bf16)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class KVCache:
+    """Per-layer preallocated caches plus the number of tokens each sequence holds.
+
+    `lengths[b]` is where sequence b's next token goes; a forward writes its S new tokens at
+    positions lengths[b] .. lengths[b]+S-1 and the caller advances lengths by the count of *valid*
+    tokens (ragged batches pad the shorter rows; their padding slots are overwritten later and are
+    never attended because a query at position p only sees keys at positions <= p).
+    """
+
+    def __init__(self, layers: list, batch_size: int, max_len: int, device: torch.device | str):
+        self.layers = layers
+        self.max_len = max_len
+        self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.seen = 0
+        """Host-side upper bound on max(lengths): attention reads only this prefix (no sync)."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.numel()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for st in self.layers if st is not None for t in st)
+
+    def advance(self, n: torch.Tensor | int) -> None:
+        self.lengths += n
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+        self.seen = 0
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with fused QKV, optional per-head or full q/k RMSNorm and biases."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.hd
+        self.use_rope = layer_idx not in cfg.no_rope_layers
+        q_out, kv_out = self.n_heads * self.hd, self.n_kv * self.hd
+        self.q_out, self.kv_out = q_out, kv_out
+        # One fused projection: a single GEMM (GEMV at decode) instead of three.
+        self.wqkv = nn.Linear(cfg.dim, q_out + 2 * kv_out, bias=cfg.attn_bias)
+        self.wo = nn.Linear(q_out, cfg.dim, bias=False)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            nd_q, nd_k = (q_out, kv_out) if cfg.qk_norm_full else (self.hd, self.hd)
+            self.q_norm, self.k_norm = RMSNorm(nd_q, cfg.norm_eps), RMSNorm(nd_k, cfg.norm_eps)
+        self.qk_norm_full = cfg.qk_norm_full
+        self.scale = self.hd ** -0.5
+
+    def init_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (batch, self.n_kv, max_len, self.hd)
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos_BS: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None, mask_B1SL: torch.Tensor | None,
+                seen: int) -> torch.Tensor:
+        from moekit.model.rope import apply_rope
+
+        B, S, _ = x_BSD.shape
+        qkv = self.wqkv(x_BSD)
+        q, k, v = qkv.split([self.q_out, self.kv_out, self.kv_out], dim=-1)
+        if self.q_norm is not None and self.qk_norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BHSd = q.view(B, S, self.n_heads, self.hd).transpose(1, 2)
+        k_BGSd = k.view(B, S, self.n_kv, self.hd).transpose(1, 2)
+        v_BGSd = v.view(B, S, self.n_kv, self.hd).transpose(1, 2)
+        if self.q_norm is not None and not self.qk_norm_full:
+            q_BHSd, k_BGSd = self.q_norm(q_BHSd), self.k_norm(k_BGSd)
+        if self.use_rope:
+            q_BHSd, k_BGSd = apply_rope(q_BHSd, cos, sin), apply_rope(k_BGSd, cos, sin)
+        if cache is None:
+            o = F.scaled_dot_product_attention(q_BHSd, k_BGSd, v_BGSd, is_causal=S > 1, scale=self.scale,
+                                               enable_gqa=self.n_kv != self.n_heads)
+        else:
+            kc, vc = cache
+            idx = pos_BS.view(B, 1, S, 1).expand(B, self.n_kv, S, self.hd)
+            kc.scatter_(2, idx, k_BGSd.to(kc.dtype))
+            vc.scatter_(2, idx, v_BGSd.to(vc.dtype))
+            o = F.scaled_dot_product_attention(q_BHSd, kc[:, :, :seen].to(q_BHSd.dtype), vc[:, :, :seen].to(q_BHSd.dtype),
+                                               attn_mask=mask_B1SL, scale=self.scale,
+                                               enable_gqa=self.n_kv != self.n_heads)
+        return self.wo(o.transpose(1, 2).reshape(B, S, -1))

@@ -1,0 +1,109 @@
+"""The MoE layer: router -> dispatch -> experts -> combine (+ shared experts).
+
+Shape legend: B batch, S sequence, T = B*S tokens, D model dim, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moekit.config import MoEConfig
+from moekit.moe import balance
+from moekit.moe.dispatch import Dispatcher, loop_reference
+from moekit.moe.experts import DenseFFN, GroupedExperts
+from moekit.moe.router import Router
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What one MoE layer decided on one forward: returned as a value, never stored globally."""
+
+    tokens_per_expert: torch.Tensor
+    """[E] int64: assignments routed to each expert (before capacity drops)."""
+    dropped: torch.Tensor
+    """int64 scalar: assignments dropped for lack of capacity (0 when dropless)."""
+    entropy: torch.Tensor
+    """float32 scalar: mean per-token router entropy in nats."""
+    aux_loss: torch.Tensor
+    """Unweighted balance loss (Switch-style, or sequence-wise when configured)."""
+    z_loss: torch.Tensor
+    """Unweighted router z-loss."""
+    expert_ids: torch.Tensor | None = None
+    """[T, K] chosen experts, only when requested (telemetry, analysis)."""
+    weights: torch.Tensor | None = None
+    """[T, K] combine weights, only when requested."""
+
+    @property
+    def num_experts(self) -> int:
+        return self.tokens_per_expert.numel()
+
+
+class MoELayer(nn.Module):
+    """Sparse MoE feed-forward block."""
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(dim, cfg)
+        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_dim, cfg.expert_act)
+        self.dispatcher = Dispatcher(cfg)
+        self.shared = DenseFFN(dim, cfg.shared_expert_dim, cfg.expert_act) if cfg.num_shared_experts else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if (self.shared is not None and cfg.shared_expert_gate) else None
+        self.use_reference = False
+        """Run the per-expert loop instead of dispatch (tests / debugging)."""
+
+    def forward(self, x_BSD: torch.Tensor, return_ids: bool = False) -> tuple[torch.Tensor, Routing]:
+        # Plan:
+        # 1. route all tokens (float32) -> top-k ids and weights;
+        # 2. dispatch rows grouped by expert, run experts, combine weighted outputs;
+        # 3. add the shared expert; 4. compute balance losses and statistics as values.
+        shape = x_BSD.shape
+        x_TD = x_BSD.reshape(-1, shape[-1])
+        r = self.router(x_TD)
+        if self.use_reference:
+            out_TD = loop_reference(x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts, self.cfg.weight_on_input)
+            dropped = torch.zeros((), dtype=torch.int64, device=x_TD.device)
+        else:
+            d = self.dispatcher.dispatch(x_TD, r.topk_ids_TK, r.topk_weights_TK, self.cfg.weight_on_input)
+            y_SD = self.experts(d.x_SD, d.counts_E)
+            out_TD = self.dispatcher.combine(y_SD, d)
+            dropped = d.dropped
+        if self.shared is not None:
+            s_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                s_TD = torch.sigmoid(self.shared_gate(x_TD)) * s_TD
+            out_TD = out_TD + s_TD
+        routing = self._routing(r, shape[0] if len(shape) == 3 else 1, dropped, return_ids)
+        return out_TD.view(shape), routing
+
+    def _routing(self, r, batch: int, dropped: torch.Tensor, return_ids: bool) -> Routing:
+        cfg = self.cfg
+        ids = r.topk_ids_TK
+        tokens_per_expert = torch.bincount(ids.reshape(-1), minlength=cfg.num_experts)
+        # Cheap (O(T*E)) next to the experts, so always computed: eval telemetry sees real values.
+        if cfg.seq_aux_loss:
+            aux = balance.seq_aux_loss(r.probs_TE, ids, batch)
+        else:
+            aux = balance.switch_aux_loss(r.probs_TE, ids)
+        z = balance.z_loss(r.logits_TE)
+        with torch.no_grad():
+            entropy = balance.router_entropy(r.probs_TE)
+        return Routing(
+            tokens_per_expert=tokens_per_expert,
+            dropped=dropped,
+            entropy=entropy,
+            aux_loss=aux,
+            z_loss=z,
+            expert_ids=ids if return_ids else None,
+            weights=r.topk_weights_TK.detach() if return_ids else None,
+        )
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor) -> None:
+        """Aux-loss-free balancing step; call after the optimizer step with the summed load."""
+        if self.router.score_bias is None or not self.cfg.bias_update_rate:
+            return
+        balance.bias_update(self.router.score_bias, load_E.to(self.router.score_bias.device), self.cfg.bias_update_rate)
