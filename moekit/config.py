@@ -165,6 +165,15 @@ class ModelConfig:
     # Llama 4: layers without RoPE (they use temperature tuning / chunked attention in HF).
     no_rope_layers: list[int] = field(default_factory=list)
     attention_chunk_size: int | None = None
+    """Chunked local attention on the layers that use RoPE (Llama 4): a query sees only earlier keys
+    of its own chunk of this many positions. None = full causal attention everywhere."""
+    qk_l2_norm: bool = False
+    """Weightless L2 (RMS) norm of each head's q and k *after* RoPE, on RoPE layers only (Llama 4
+    `use_qk_norm`)."""
+    attn_temperature_tuning: bool = False
+    """Llama 4: on no-RoPE layers scale q by 1 + attn_scale * log1p(floor((pos + 1) / floor_scale))."""
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
     moe: MoEConfig | None = None
     first_k_dense: int = 0
     """The first k layers use a dense FFN (DeepSeek `first_k_dense_replace`)."""
@@ -229,6 +238,8 @@ class ModelConfig:
             rt = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rt not in ROPE_TYPES:
                 _fail("rope_scaling.rope_type", f"unsupported {rt!r}; supported: {', '.join(ROPE_TYPES)}")
+        if self.attention_chunk_size is not None and self.attention_chunk_size < 1:
+            _fail("attention_chunk_size", f"must be >= 1 or null, got {self.attention_chunk_size}")
         if self.moe_every < 1:
             _fail("moe_every", f"must be >= 1, got {self.moe_every}")
         if not 0 <= self.first_k_dense <= self.n_layers:
@@ -268,8 +279,8 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> ModelConfig:
-        p = Path(path_or_text)
-        text = p.read_text() if p.exists() else str(path_or_text)
+        s = str(path_or_text)
+        text = s if s.lstrip().startswith("{") else Path(s).read_text()
         return cls.from_dict(json.loads(text))
 
     def replace(self, **changes: Any) -> ModelConfig:

@@ -90,7 +90,10 @@ def read_safetensors(file: Path, expected: dict[str, torch.Size]) -> dict[str, t
             if shape != tuple(expected[k]):
                 raise CheckpointError(f"{file}: tensor {k!r} has shape {shape}, config expects {tuple(expected[k])}")
             try:
-                out[k] = f.get_tensor(k)
+                # Copy out of the file mapping: mapped tensors sit at arbitrary byte offsets, and
+                # misaligned weights take slower BLAS paths with different rounding (a reloaded
+                # model would not reproduce its logits bit for bit). Peak cost: one tensor.
+                out[k] = f.get_tensor(k).clone()
             except Exception as e:
                 raise CheckpointError(f"{file}: tensor {k!r} cannot be read ({e}); the file may be truncated") from None
     return out

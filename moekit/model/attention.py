@@ -60,6 +60,21 @@ class KVCache:
         self.seen = 0
 
 
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weightless RMS normalisation over the last dim in float32 (Llama 4 `Llama4TextL2Norm`)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def chunked_mask(pos_BS: torch.Tensor, n_keys: int, chunk: int, mask_B1SL: torch.Tensor | None) -> torch.Tensor:
+    """Boolean [B, 1, S, L] mask: causal and key in the query's chunk (key slot = key position)."""
+    k_L = torch.arange(n_keys, device=pos_BS.device)
+    q = pos_BS.unsqueeze(-1)  # [B, S, 1]
+    m = (k_L <= q) & (k_L // chunk == q // chunk)
+    m = m.unsqueeze(1)
+    return m if mask_B1SL is None else (m & mask_B1SL)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with fused QKV, optional per-head or full q/k RMSNorm and biases."""
 
@@ -78,6 +93,11 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(nd_q, cfg.norm_eps), RMSNorm(nd_k, cfg.norm_eps)
         self.qk_norm_full = cfg.qk_norm_full
         self.scale = self.hd ** -0.5
+        # Llama 4 extras (all off by default): L2 q/k norm after RoPE and chunked local attention on
+        # RoPE layers; query temperature tuning on the no-RoPE (global) layers.
+        self.qk_l2_eps = cfg.norm_eps if (cfg.qk_l2_norm and self.use_rope) else None
+        self.chunk = cfg.attention_chunk_size if self.use_rope else None
+        self.temp_tuning = (cfg.floor_scale, cfg.attn_scale) if (cfg.attn_temperature_tuning and not self.use_rope) else None
 
     def init_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (batch, self.n_kv, max_len, self.hd)
@@ -100,14 +120,26 @@ class Attention(nn.Module):
             q_BHSd, k_BGSd = self.q_norm(q_BHSd), self.k_norm(k_BGSd)
         if self.use_rope:
             q_BHSd, k_BGSd = apply_rope(q_BHSd, cos, sin), apply_rope(k_BGSd, cos, sin)
-        if cache is None:
+        if self.qk_l2_eps is not None:
+            q_BHSd, k_BGSd = l2_norm(q_BHSd, self.qk_l2_eps), l2_norm(k_BGSd, self.qk_l2_eps)
+        if self.temp_tuning is not None:
+            floor_scale, attn_scale = self.temp_tuning
+            t_BS = torch.log1p(torch.floor((pos_BS.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+            q_BHSd = (q_BHSd * t_BS.view(B, 1, S, 1)).to(q_BHSd.dtype)
+        if self.chunk is not None:
+            mask_B1SL = chunked_mask(pos_BS, seen if cache is not None else S, self.chunk, mask_B1SL)
+        if cache is None and mask_B1SL is not None:
+            o = F.scaled_dot_product_attention(q_BHSd, k_BGSd, v_BGSd, attn_mask=mask_B1SL, scale=self.scale,
+                                               enable_gqa=self.n_kv != self.n_heads)
+        elif cache is None:
             o = F.scaled_dot_product_attention(q_BHSd, k_BGSd, v_BGSd, is_causal=S > 1, scale=self.scale,
                                                enable_gqa=self.n_kv != self.n_heads)
         else:
             kc, vc = cache
-            idx = pos_BS.view(B, 1, S, 1).expand(B, self.n_kv, S, self.hd)
-            kc.scatter_(2, idx, k_BGSd.to(kc.dtype))
-            vc.scatter_(2, idx, v_BGSd.to(vc.dtype))
+            # Index assignment, not scatter_: bf16 scatter_ takes a slow path on CPU (~25x slower).
+            b_B1 = torch.arange(B, device=kc.device).view(B, 1)
+            kc[b_B1, :, pos_BS] = k_BGSd.transpose(1, 2).to(kc.dtype)
+            vc[b_B1, :, pos_BS] = v_BGSd.transpose(1, 2).to(vc.dtype)
             o = F.scaled_dot_product_attention(q_BHSd, kc[:, :, :seen].to(q_BHSd.dtype), vc[:, :, :seen].to(q_BHSd.dtype),
                                                attn_mask=mask_B1SL, scale=self.scale,
                                                enable_gqa=self.n_kv != self.n_heads)

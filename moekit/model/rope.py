@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
+from moekit.utils import Fp32Buffers
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -68,7 +68,9 @@ def rope_init(dim: int, theta: float, scaling: dict[str, Any] | None, max_pos: i
     raise ValueError(f"unsupported rope_type {rt!r}")
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(Fp32Buffers):
+    _fp32_buffers = ("inv_freq",)
+
     def __init__(self, dim: int, theta: float, scaling: dict[str, Any] | None, max_pos: int):
         super().__init__()
         self.dim, self.theta, self.scaling, self.max_pos = dim, theta, scaling, max_pos

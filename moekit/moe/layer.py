@@ -13,7 +13,7 @@ from torch import nn
 from moekit.config import MoEConfig
 from moekit.moe import balance
 from moekit.moe.dispatch import Dispatcher, loop_reference
-from moekit.moe.experts import DenseFFN, GroupedExperts
+from moekit.moe.experts import DenseFFN, GroupedExperts, _inference
 from moekit.moe.router import Router
 
 
@@ -68,8 +68,13 @@ class MoELayer(nn.Module):
             dropped = torch.zeros((), dtype=torch.int64, device=x_TD.device)
         else:
             d = self.dispatcher.dispatch(x_TD, r.topk_ids_TK, r.topk_weights_TK, self.cfg.weight_on_input)
-            y_SD = self.experts(d.x_SD, d.counts_E)
-            out_TD = self.dispatcher.combine(y_SD, d)
+            if _inference(x_TD, self.experts, d.weights_S):
+                # CPU inference: experts and combine fused (compiled kernel for small experts).
+                w_S = torch.ones_like(d.weights_S) if d.weights_applied else d.weights_S
+                out_TD = self.experts.forward_combine(d.x_SD, d.counts_E, d.rows_S // d.top_k, w_S, d.num_tokens)
+            else:
+                y_SD = self.experts(d.x_SD, d.counts_E)
+                out_TD = self.dispatcher.combine(y_SD, d)
             dropped = d.dropped
         if self.shared is not None:
             s_TD = self.shared(x_TD)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import MoEConfig
+from moekit.utils import Fp32Buffers
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,13 @@ class RouterOutput:
     used for the balance loss and router entropy."""
 
 
-class Router(nn.Module):
+class Router(Fp32Buffers):
     """Linear gate plus the configured scoring rule. Parameters: `weight` [E, D] (+ optional bias,
-    noise weight); buffer `score_bias` [E] for aux-loss-free balancing (selection only)."""
+    noise weight); buffer `score_bias` [E] for aux-loss-free balancing (selection only), kept
+    float32 under model.to(bfloat16): it accumulates many tiny +-gamma steps that bf16 would round
+    away, and it decides which experts run."""
+
+    _fp32_buffers = ("score_bias",)
 
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
@@ -49,15 +54,6 @@ class Router(nn.Module):
         else:
             self.score_bias = None
         nn.init.normal_(self.weight, std=0.02)
-
-    def _apply(self, fn, recurse=True):
-        # model.to(bfloat16) must move the selection bias but keep it float32: it accumulates many
-        # tiny +-gamma steps that bf16 would round away, and it decides which experts run.
-        sb = self._buffers.pop("score_bias", None)
-        out = super()._apply(fn, recurse)
-        if sb is not None:
-            self._buffers["score_bias"] = sb.to(device=self.weight.device)
-        return out
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         cfg = self.cfg
@@ -110,7 +106,7 @@ def route(logits_TE: torch.Tensor, cfg: MoEConfig, score_bias_E: torch.Tensor | 
                 sel_TE = _group_mask(sel_TE, cfg)
             ids_TK = sel_TE.topk(K, dim=-1).indices
             weights_TK = probs_TE.gather(1, ids_TK)
-            if cfg.norm_topk_prob and K > 1:
+            if cfg.norm_topk_prob:
                 weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
     else:  # sigmoid_topk (DeepSeek-V3, Llama 4)
         scores_TE = logits_TE.sigmoid()
@@ -121,7 +117,7 @@ def route(logits_TE: torch.Tensor, cfg: MoEConfig, score_bias_E: torch.Tensor | 
             sel_TE = _group_mask(sel_TE, cfg)
         ids_TK = sel_TE.topk(K, dim=-1).indices
         weights_TK = scores_TE.gather(1, ids_TK)
-        if cfg.norm_topk_prob and K > 1:
+        if cfg.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
     if cfg.routed_scaling_factor != 1.0:
         weights_TK = weights_TK * cfg.routed_scaling_factor
