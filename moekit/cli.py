@@ -34,6 +34,20 @@ def _resolve(target: str):
     return getattr(importlib.import_module(mod), fn)
 
 
+def _unavailable(name: str, err: Exception):
+    """Stand-in for a command whose implementation cannot be imported (missing optional extra)."""
+    missing = getattr(err, "name", None)
+
+    def fn() -> int:
+        from moekit.errors import MoekitError
+
+        hint = "; install it (e.g. pip install 'moekit[dev]')" if missing else ""
+        raise MoekitError(f"`moekit {name}` is unavailable: {err}{hint}")
+
+    fn.__doc__ = f"(unavailable: {err})"
+    return fn
+
+
 def _doc_parts(fn) -> tuple[str, dict[str, str]]:
     doc = inspect.getdoc(fn) or ""
     head, _, rest = doc.partition("\nArgs:\n")
@@ -60,7 +74,8 @@ def _add_params(parser: argparse.ArgumentParser, fn) -> None:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
             tp, origin, args = args[0], typing.get_origin(args[0]), typing.get_args(args[0])
-        kw: dict = {"help": arg_help.get(name, "")}
+        # argparse %-formats help strings: escape literal percent signs from docstrings.
+        kw: dict = {"help": arg_help.get(name, "").replace("%", "%%")}
         flag = "--" + name.replace("_", "-")
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=p.default, **kw)
@@ -76,7 +91,7 @@ def _add_params(parser: argparse.ArgumentParser, fn) -> None:
             parser.add_argument(name, **kw)
         else:
             if kw["help"] and p.default is not None:
-                kw["help"] += f" (default: {p.default})"
+                kw["help"] += f" (default: {p.default})".replace("%", "%%")
             parser.add_argument(flag, dest=name, default=p.default, **kw)
 
 
@@ -96,18 +111,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             continue
         try:
             fn = _resolve(target)
-        except (ImportError, AttributeError):
-            continue  # part not installed / not built yet: hidden from the table
+        except (ImportError, AttributeError) as e:
+            fn = _unavailable(name, e)
         head, _ = _doc_parts(fn)
         summary = head.split("\n\n")[0].replace("\n", " ")
         if len(parts) == 1:
-            p = sub.add_parser(parts[0], help=summary, description=head,
+            p = sub.add_parser(parts[0], help=summary.replace("%", "%%"), description=head.replace("%", "%%"),
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         else:
             if parts[0] not in groups:
                 gp = sub.add_parser(parts[0], help=f"{parts[0]} subcommands")
                 groups[parts[0]] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
-            p = groups[parts[0]].add_parser(parts[1], help=summary, description=head,
+            p = groups[parts[0]].add_parser(parts[1], help=summary.replace("%", "%%"), description=head.replace("%", "%%"),
                                             formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_params(p, fn)
         p.set_defaults(_fn=fn)
@@ -139,3 +154,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

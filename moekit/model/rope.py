@@ -43,7 +43,9 @@ def rope_init(dim: int, theta: float, scaling: dict[str, Any] | None, max_pos: i
         return torch.where(medium, smoothed, inv).float(), 1.0
     if rt == "yarn":
         old = scaling.get("original_max_position_embeddings", max_pos)
-        beta_fast, beta_slow = scaling.get("beta_fast", 32.0), scaling.get("beta_slow", 1.0)
+        if scaling.get("factor") is None:  # DeepSeek-style configs give the ratio implicitly
+            factor = max_pos / old
+        beta_fast, beta_slow = scaling.get("beta_fast") or 32.0, scaling.get("beta_slow") or 1.0
         attn_factor = scaling.get("attention_factor")
         if attn_factor is None:
             ms, ms_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
