@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "plan": "moekit.plan.cli:plan_cli",
     "convert": "moekit.checkpoint.convert:convert_cli",
     "upcycle": "moekit.checkpoint.upcycle:upcycle_cli",
+    "compare": "moekit.train.compare:compare_cli",
 }
 
 

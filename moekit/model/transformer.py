@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import ModelConfig
-from moekit.model.attention import Attention, KVCache, RMSNorm
+from moekit.model.attention import Attention, KVCache, RMSNorm, decode_linear
 from moekit.model.rope import RotaryEmbedding
 from moekit.moe.experts import DenseFFN, GroupedExperts
 from moekit.moe.layer import MoELayer, Routing
@@ -160,7 +160,7 @@ class Transformer(nn.Module):
         if logits_at is not None:
             x = x[torch.arange(B, device=dev), logits_at].unsqueeze(1)
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, w)
+        logits = decode_linear(x, w)  # the compiled GEMV at decode (logits_at / one token per row)
         out = ModelOutput(logits=logits, routing=tuple(routings))
         moe_r = [r for r in routings if r is not None]
         if moe_r:

@@ -26,6 +26,11 @@ def activate(h_SH: torch.Tensor, act: str) -> torch.Tensor:
     return F.gelu(h_SH)
 
 
+BATCHED_COMBINE = True
+"""Inference path for experts left to oneDNN/MKL: True = batched (2 GEMMs per expert, the rest
+once), False = per-expert accumulate (3 more small ops per expert). See _big_batched."""
+
+
 def _inference(x: torch.Tensor, mod: nn.Module, *more: torch.Tensor) -> bool:
     """True on CPU when no autograd graph is being built through x, `more` or mod's weights
     (the fused paths below have no backward)."""
@@ -61,7 +66,7 @@ class GroupedExperts(nn.Module):
         if _inference(x_SD, self):
             # No autograd graph: fill one preallocated buffer (no per-expert cat) and let the
             # compiled kernel take the experts with few rows.
-            return self._forward_into(x_SD, counts, None, None, x_SD.shape[0]).to(x_SD.dtype)
+            return self._forward_into(x_SD, counts)
         # CPU training: one GEMM pair per expert that has rows. The host copy of the counts is
         # the only sync; experts with no rows cost nothing, which keeps small batches cheap.
         outs = []
@@ -72,50 +77,105 @@ class GroupedExperts(nn.Module):
                 start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def forward_combine(self, x_SD: torch.Tensor, counts_E: torch.Tensor, token_S: torch.Tensor,
-                        weights_S: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """Experts and combine in one pass, for inference on CPU: out[t] = sum over the rows s
-        of token t of weights_S[s] * expert(x_SD[s]), accumulated in float32, returned [T, D] in
-        x's dtype. Same result as `Dispatcher.combine(forward(x, counts))` up to rounding."""
+    def forward_combine(self, x_SD: torch.Tensor, counts_E: torch.Tensor, rows_S: torch.Tensor,
+                        weights_S: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+        """Experts and combine in one pass, for inference on CPU (no backward).
+
+        Row s of x_SD is assignment rows_S[s] = t * top_k + k; returns [T, D] in x's dtype with
+        out[t] = sum over t's rows of weights_S[s] * expert(x_SD[s]). Same values as
+        `Dispatcher.combine(forward(x, counts))` up to float rounding.
+        """
+        T, K, D = num_tokens, top_k, self.dim
         if x_SD.shape[0] == 0:
-            return x_SD.new_zeros(num_tokens, self.dim)
-        out_TD = self._forward_into(x_SD, counts_E.tolist(), token_S, weights_S, num_tokens)
+            return x_SD.new_zeros(T, D)
+        counts = counts_E.tolist()
+        small = self._small_experts(x_SD, counts)
+        token_S = rows_S // K
+        out_TD = torch.zeros(T, D, dtype=torch.float32, device=x_SD.device)
+        if any(small):
+            self._kernel(x_SD, counts, small, token_S, weights_S, out_TD)
+        if any(n and not m for n, m in zip(counts, small)):
+            if BATCHED_COMBINE:
+                self._big_batched(x_SD, counts, small, rows_S, weights_S, T, K, out_TD)
+            else:
+                self._big_per_expert(x_SD, counts, small, token_S, weights_S, out_TD)
         return out_TD.to(x_SD.dtype)
 
-    def _forward_into(self, x_SD: torch.Tensor, counts: list[int], token_S: torch.Tensor | None,
-                      weights_S: torch.Tensor | None, n_out: int) -> torch.Tensor:
-        # Plan:
-        # 1. experts with <= MAX_ROWS_PER_EXPERT rows run in one compiled-kernel call (weights
-        #    streamed once, no per-expert Python ops), when the kernels are available;
-        # 2. the others run as F.linear pairs (oneDNN) and are written straight into the float32
-        #    output: a slice copy, or an index_add of the weighted rows when combining, done per
-        #    expert while its output block is still in cache.
-        small_E = [0] * len(counts)
-        if self.act in kernels.ACTS and kernels.usable(x_SD, self.w13, self.w2):
-            small_E = [n if n <= kernels.MAX_ROWS_PER_EXPERT else 0 for n in counts]
-        if token_S is None and not any(small_E):
-            # Plain grouped output, no kernel: keep x's dtype (no float32 round trip).
-            out_ND = x_SD.new_empty(n_out, self.dim)
-        else:
-            out_ND = torch.zeros(n_out, self.dim, dtype=torch.float32, device=x_SD.device)
-        big = list(counts)
-        if any(small_E):
-            starts_E = torch.tensor(counts).cumsum(0) - torch.tensor(counts)
-            kernels.moe_experts(x_SD, self.w13, self.w2, torch.tensor(small_E), self.act,
-                                starts_E=starts_E, dst_S=token_S, scale_S=weights_S, out_ND=out_ND)
-            big = [n - m for n, m in zip(counts, small_E)]
+    def _big_per_expert(self, x_SD, counts, small, token_S, weights_S, out_TD) -> None:
+        # Each expert left to oneDNN/MKL accumulates into the float32 [T, D] while its output block
+        # is in cache: gather its tokens' partial sums, add w * y, write back. A token appears at
+        # most once per expert, so index_copy_ is race-free and deterministic (index_add_ is a
+        # per-row loop on CPU and was many times slower).
         start = 0
         for e, n in enumerate(counts):
-            if big[e]:
+            if n and not small[e]:
+                tok_N = token_S[start:start + n]
                 y_ND = self.expert_forward(e, x_SD[start:start + n])
-                if token_S is None:
-                    out_ND[start:start + n] = y_ND
-                else:
-                    y_ND = y_ND.float()
-                    y_ND.mul_(weights_S[start:start + n].unsqueeze(-1))
-                    out_ND.index_add_(0, token_S[start:start + n], y_ND)
+                acc_ND = out_TD.index_select(0, tok_N).addcmul_(y_ND, weights_S[start:start + n].unsqueeze(-1))
+                out_TD.index_copy_(0, tok_N, acc_ND)
             start += n
-        return out_ND
+
+    def _big_batched(self, x_SD, counts, small, rows_S, weights_S, T, K, out_TD) -> None:
+        # Plan (few ops, whatever E: 2 GEMMs per expert written in place, everything else once):
+        # 1. gate/up GEMMs of every big expert into one [S, H] buffer (mm with out=, no cat);
+        # 2. one activation over all rows; 3. down GEMMs into one [S, D] buffer (rows of kernel
+        #    experts stay zero); 4. weight, scatter rows to their t*K+k slot, sum over K in float32.
+        S, D = x_SD.shape[0], self.dim
+        any_small = any(small)
+        h_SH = x_SD.new_empty(S, self.w13.shape[1])
+        y_SD = x_SD.new_zeros(S, D) if any_small else x_SD.new_empty(S, D)
+        start = 0
+        for e, n in enumerate(counts):
+            if n and not small[e]:
+                torch.mm(x_SD[start:start + n], self.w13[e].t(), out=h_SH[start:start + n])
+            start += n
+        a_SF = activate(h_SH, self.act)
+        start = 0
+        for e, n in enumerate(counts):
+            if n and not small[e]:
+                torch.mm(a_SF[start:start + n], self.w2[e].t(), out=y_SD[start:start + n])
+            start += n
+        contrib_SD = y_SD.float().mul_(weights_S.unsqueeze(-1))
+        if S == T * K and not any_small:
+            buf_AD = torch.empty_like(contrib_SD).index_copy_(0, rows_S, contrib_SD)
+        else:  # dropped assignments and kernel rows read as zero
+            buf_AD = contrib_SD.new_zeros(T * K, D)
+            buf_AD.index_copy_(0, rows_S, contrib_SD)
+        out_TD.add_(buf_AD.view(T, K, D).sum(1))
+
+    def _small_experts(self, x_SD: torch.Tensor, counts: list[int]) -> list[int]:
+        """Row counts of the experts the compiled kernel takes (0 = not the kernel's)."""
+        if self.act not in kernels.ACTS or not kernels.usable(x_SD, self.w13, self.w2):
+            return [0] * len(counts)
+        limit = kernels.max_rows(x_SD.dtype)
+        return [n if n <= limit else 0 for n in counts]
+
+    def _kernel(self, x_SD: torch.Tensor, counts: list[int], small: list[int], dst_S: torch.Tensor | None,
+                scale_S: torch.Tensor | None, out_ND: torch.Tensor) -> torch.Tensor:
+        """Accumulate the `small` experts' rows into float32 out_ND with the compiled kernel."""
+        counts_t = torch.tensor(counts)
+        return kernels.moe_experts(x_SD, self.w13, self.w2, torch.tensor(small), self.act,
+                                   starts_E=counts_t.cumsum(0) - counts_t, dst_S=dst_S, scale_S=scale_S,
+                                   out_ND=out_ND)
+
+    def _forward_into(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        # Plan:
+        # 1. experts with <= kernels.max_rows(dtype) rows run in one compiled-kernel call (weights
+        #    streamed once, no per-expert Python ops), when the kernels are available;
+        # 2. the others run as F.linear pairs (oneDNN) written into one preallocated buffer.
+        S = x_SD.shape[0]
+        small = self._small_experts(x_SD, counts)
+        if any(small):
+            out_SD = self._kernel(x_SD, counts, small, None, None, x_SD.new_zeros(S, self.dim, dtype=torch.float32))
+            out_SD = out_SD.to(x_SD.dtype)
+        else:
+            out_SD = x_SD.new_empty(S, self.dim)
+        start = 0
+        for e, n in enumerate(counts):
+            if n and not small[e]:
+                out_SD[start:start + n] = self.expert_forward(e, x_SD[start:start + n])
+            start += n
+        return out_SD
 
     def _forward_grouped_mm(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         # One kernel for all experts with no host sync (CUDA, bf16).

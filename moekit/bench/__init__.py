@@ -1,0 +1,1 @@
+"""Benchmarks: `moekit bench` (engines side by side, roofline measured in the same run)."""

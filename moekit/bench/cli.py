@@ -1,0 +1,217 @@
+"""`moekit bench MODEL`: moekit vs its dense equivalent vs transformers vs llama.cpp, side by side.
+
+All engines run the same weights (saved once, then exported to HF and GGUF) in separate processes,
+one after the other, with the machine's read bandwidth and matmul peak measured in the same run.
+Writes results.json, results.md and throughput.png to --out.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from moekit.errors import MoekitError
+
+ENGINES = ["moekit", "dense", "transformers", "llama.cpp"]
+
+
+def _machine_desc() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    # Other processes' load skews every number (and 2-thread OpenMP regions badly): say so.
+    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, load average {load:.1f} at start"
+
+
+def _prepare(model: str, dtype: torch.dtype, seed: int, engines: list[str], tmp: Path) -> tuple[dict, dict, object]:
+    """Save the weights once per format; returns ({engine: path}, {engine: skip reason}, config)."""
+    # Plan: 1. load or build the model; 2. moekit native copy; 3. HF export (transformers);
+    # 4. GGUF export (llama.cpp); every format is written from the same tensors.
+    import moekit
+    from moekit.checkpoint.native import CheckpointError
+    from moekit.inference.cli import load_for_inference
+
+    m = load_for_inference(model, str(dtype).removeprefix("torch."), seed)
+    cfg = m.config
+    paths, skipped = {}, {}
+    native = tmp / "moekit"
+    moekit.save_model(m, native)
+    for e in ("moekit", "dense"):
+        paths[e] = str(native)
+    if "transformers" in engines:
+        if importlib.util.find_spec("transformers") is None:
+            skipped["transformers"] = "not installed"
+        else:
+            try:
+                from moekit.checkpoint.hf_export import export_hf
+
+                paths["transformers"] = str(export_hf(m, tmp / "hf"))
+            except (ImportError, CheckpointError, moekit.ConfigError) as e:
+                skipped["transformers"] = f"no HF export for this model ({e})"
+    if "llama.cpp" in engines:
+        if importlib.util.find_spec("llama_cpp") is None:
+            skipped["llama.cpp"] = ("llama-cpp-python not installed (CMAKE_ARGS=\"-DLLAVA_BUILD=OFF\" "
+                                    "pip install llama-cpp-python)")
+        else:
+            try:
+                from moekit.checkpoint.gguf_export import export_gguf
+
+                paths["llama.cpp"] = str(export_gguf(m, tmp / "model.gguf"))
+            except CheckpointError as e:
+                skipped["llama.cpp"] = f"no GGUF export for this model ({e})"
+    del m
+    return paths, skipped, cfg
+
+
+def _run_worker(con, eng: str, spec: Path, res: Path, shapes: int, timeout: int):
+    """Run one engine's worker, showing each finished shape; None when it timed out."""
+    # stderr to a file, not a pipe: llama.cpp logs a lot there and a full pipe would block it.
+    err_path = res.with_suffix(".stderr")
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "moekit.bench.runners", str(spec), str(res)],
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+    import threading
+
+    watchdog = threading.Timer(timeout, proc.kill)  # a hung engine cannot block the run
+    watchdog.start()
+    done = 0
+    try:
+        with con.status(f"{eng}: loading") as st:
+            for line in proc.stdout:  # one JSON line per finished shape
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                done += 1
+                con.print(f"  {eng} batch {r['batch']} prompt {r['prompt']}: prefill {r['prefill_tok_s']:,.0f} "
+                          f"tok/s, decode {r['decode_tok_s']:,.1f} tok/s")
+                st.update(f"{eng}: {done}/{shapes} shapes")
+            proc.wait()
+            proc.stderr_text = err_path.read_text(errors="replace")
+    finally:
+        timed_out = not watchdog.is_alive()
+        watchdog.cancel()
+    return None if timed_out and proc.returncode != 0 else proc
+
+
+def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: list[int] | None = None,
+              new_tokens: int = 32, engines: list[str] | None = None,
+              dtype: Literal["bfloat16", "float32"] = "bfloat16", threads: int = 2, out: Path = Path("bench_results"),
+              quick: bool = False, seed: int = 0, timeout: int = 900, max_prefill_tokens: int = 0) -> int:
+    """Benchmark generation speed against the dense equivalent, transformers and llama.cpp.
+
+    Prefill tokens/s, time to first token, decode tokens/s, per-token latency p50/p99 and peak RSS
+    at each batch size and prompt length, each as a fraction of this machine's roofline (read
+    bandwidth and matmul peak are measured in the same run). Engines that are not installed or
+    cannot take the model are skipped and say why. Writes results.json, results.md and
+    throughput.png to --out.
+
+    Args:
+        model: model directory, .gguf file or preset name (random weights from --seed).
+        batch_sizes: batch sizes (default 1 8 32; --quick: 1 4).
+        prompt_lens: prompt lengths (default 128 512; --quick: 16).
+        new_tokens: decode steps timed per run.
+        engines: engines to run, from moekit dense transformers llama.cpp.
+        dtype: weights and compute dtype for every engine.
+        threads: CPU threads for every engine.
+        out: output directory.
+        quick: small shapes and short measurements (tests, CI).
+        seed: seed for random weights and prompts.
+        timeout: seconds allowed per engine.
+        max_prefill_tokens: skip shapes whose batch x prompt exceeds this (0 = run every shape).
+    """
+    from moekit.bench import report
+    from moekit.bench.roofline import measure_machine
+    from moekit.checkpoint.native import atomic_write_text
+    from moekit.model.params import dense_equivalent
+
+    batch_sizes = batch_sizes or ([1, 4] if quick else [1, 8, 32])
+    prompt_lens = prompt_lens or ([16] if quick else [128, 512])
+    if quick:
+        new_tokens = min(new_tokens, 8)
+    engines = engines or list(ENGINES)
+    bad = [e for e in engines if e not in ENGINES]
+    if bad:
+        raise MoekitError(f"--engines: unknown engine(s) {bad}; choose from {' '.join(ENGINES)}")
+    if min(batch_sizes) < 1 or min(prompt_lens) < 1 or new_tokens < 2:
+        raise MoekitError("--batch-sizes and --prompt-lens must be >= 1 and --new-tokens >= 2")
+    torch.set_num_threads(threads)
+    tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = (f"moekit bench {shlex.quote(model)} --batch-sizes {' '.join(map(str, batch_sizes))} "
+               f"--prompt-lens {' '.join(map(str, prompt_lens))} --new-tokens {new_tokens} --engines "
+               f"{' '.join(engines)} --dtype {dtype} --threads {threads} --seed {seed}"
+               + (f" --max-prefill-tokens {max_prefill_tokens}" if max_prefill_tokens else ""))
+
+    from rich.console import Console
+
+    con = Console(stderr=True)
+    data: dict = {"model": model, "command": command, "machine_desc": _machine_desc(), "engines": [],
+                  "results": []}
+    with tempfile.TemporaryDirectory(prefix="moekit-bench-") as td:
+        tmp = Path(td)
+        with con.status("preparing weights (moekit, HF, GGUF copies of the same tensors)"):
+            paths, skipped, cfg = _prepare(model, tdtype, seed, engines, tmp)
+        max_len = max(prompt_lens) + new_tokens + 1
+        if max_len > cfg.max_seq_len:
+            raise MoekitError(f"prompt {max(prompt_lens)} + {new_tokens} new tokens exceeds the model's context "
+                              f"limit {cfg.max_seq_len}; lower --prompt-lens or --new-tokens")
+        with con.status("measuring read bandwidth and matmul peak"):
+            machine = measure_machine(tdtype, quick)
+        data["machine"] = machine.to_dict()
+        con.print(f"machine: {machine.read_gbs:.1f} GB/s read, {machine.matmul_gflops:.0f} GFLOP/s {dtype}")
+        for eng in engines:
+            if eng in skipped:
+                data["engines"].append({"engine": eng, "status": f"skipped: {skipped[eng]}"})
+                con.print(f"[yellow]{eng}: skipped ({skipped[eng]})")
+                continue
+            spec = {"engine": eng, "path": paths[eng], "dtype": dtype, "threads": threads, "seed": seed,
+                    "batch_sizes": batch_sizes, "prompt_lens": prompt_lens, "new_tokens": new_tokens,
+                    "max_prefill_tokens": max_prefill_tokens}
+            (tmp / "spec.json").write_text(json.dumps(spec))
+            res_path = tmp / f"{eng}.json"
+            t0 = time.perf_counter()
+            shapes = sum(1 for b in batch_sizes for p in prompt_lens if not max_prefill_tokens or b * p <= max_prefill_tokens)
+            proc = _run_worker(con, eng, tmp / "spec.json", res_path, shapes, timeout)
+            if proc is None or proc.returncode != 0 or not res_path.exists():
+                why = "timed out" if proc is None else f"exit {proc.returncode}: " + \
+                    (proc.stderr_text.strip().splitlines() or ["no output"])[-1][:200]
+                data["engines"].append({"engine": eng, "status": f"failed ({why})"})
+                con.print(f"[red]{eng}: failed ({why})")
+                continue
+            r = json.loads(res_path.read_text())
+            data["results"].extend(r["results"])
+            data["engines"].append({"engine": eng, "status": "ok", "peak_rss_bytes": r["peak_rss_bytes"],
+                                    "load_s": r["load_s"], "wall_s": time.perf_counter() - t0})
+            con.print(f"{eng}: done in {time.perf_counter() - t0:.0f} s")
+
+    report.add_bounds(data["results"], {"moe": cfg, "dense": dense_equivalent(cfg)}, machine)
+    data["ratios"] = report.ratios(data["results"])
+    data["crossover"] = report.crossover(data["results"])
+    md = report.markdown(data)
+    atomic_write_text(out / "results.json", json.dumps(data, indent=2))
+    atomic_write_text(out / "results.md", md)
+    if data["results"]:
+        report.plot(data, out / "throughput.png")
+    print(md)
+    con.print(f"wrote {out}/results.json, results.md, throughput.png")
+    return 0 if data["results"] else 1

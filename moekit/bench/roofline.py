@@ -1,0 +1,111 @@
+"""This machine's roofline, measured in the same run as the benchmark, and each workload's bound.
+
+Shape legend: M, N, K matmul dims. B batch, P prompt length, E experts, K_top experts per token.
+
+Read bandwidth is the best of several `sum`s over a buffer far larger than the caches (what a
+decode step does to its weights: stream them once); matmul peak is the best of several large
+GEMMs in the benchmark's dtype (oneDNN/AMX for bf16 on CPUs that have it). A result's roofline
+bound is the smaller of the compute bound and the bandwidth bound for the bytes it must read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from moekit.config import ModelConfig
+from moekit.model.params import count_params
+
+
+@dataclass
+class Machine:
+    read_gbs: float
+    """Sustained DRAM read bandwidth, GB/s (1e9 bytes)."""
+    matmul_gflops: float
+    """Large-GEMM peak in the benchmark dtype, GFLOP/s."""
+    dtype: str
+    threads: int
+    device: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _best_time(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure_read_bandwidth(mib: int = 1024, reps: int = 5) -> float:
+    """GB/s for summing a float32 buffer of `mib` MiB (much larger than any cache)."""
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    t = _best_time(lambda: x.sum(), reps)
+    return x.numel() * 4 / t / 1e9
+
+
+def measure_matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of an n x n x n GEMM in `dtype`."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    t = _best_time(lambda: torch.mm(a, b), reps)
+    return 2 * n**3 / t / 1e9
+
+
+def measure_machine(dtype: torch.dtype, quick: bool = False) -> Machine:
+    bw = measure_read_bandwidth(256 if quick else 1024, 3 if quick else 5)
+    peak = measure_matmul_peak(dtype, 1024 if quick else 2048, 3 if quick else 5)
+    return Machine(round(bw, 2), round(peak, 1), str(dtype).removeprefix("torch."), torch.get_num_threads(),
+                   "cpu")
+
+
+def expected_experts_touched(num_experts: int, top_k: int, tokens: int) -> float:
+    """Mean number of distinct experts `tokens` tokens select (uniform routing): E(1-(1-k/E)^T)."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+def decode_bytes(cfg: ModelConfig, batch: int, context: int, bytes_per_param: float) -> float:
+    """Bytes one decode step must read: the non-expert weights, every expert the batch touches
+    (uniform routing), and the KV cache of `context` tokens per row."""
+    pc = count_params(cfg)
+    static = pc.active_params_no_embedding - pc.active.get("routed_experts", 0)
+    experts = 0.0
+    if cfg.moe is not None and pc.total.get("routed_experts"):
+        per_expert = pc.total["routed_experts"] / cfg.moe.num_experts
+        experts = per_expert * expected_experts_touched(cfg.moe.num_experts, cfg.moe.top_k, batch)
+    kv = 2 * cfg.n_layers * cfg.kv_heads * cfg.hd * context * batch
+    if cfg.attention == "mla":
+        kv = cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * context * batch
+    return (static + experts + kv) * bytes_per_param
+
+
+def flops_per_token(cfg: ModelConfig, context: float, with_head: bool = True) -> float:
+    """Matmul FLOPs for one token attending to `context` keys (2 per multiply-add)."""
+    pc = count_params(cfg)
+    params = pc.active_params_no_embedding - (0 if with_head else pc.active.get("lm_head", 0))
+    attn = 4 * cfg.n_layers * cfg.n_heads * cfg.hd * context
+    return 2 * params + attn
+
+
+def decode_bound(cfg: ModelConfig, m: Machine, batch: int, context: int) -> dict:
+    """Roofline tokens/s for one decode step of `batch` rows at `context` tokens."""
+    bpp = 4 if m.dtype == "float32" else 2
+    t_mem = decode_bytes(cfg, batch, context, bpp) / (m.read_gbs * 1e9)
+    t_cmp = batch * flops_per_token(cfg, context) / (m.matmul_gflops * 1e9)
+    return {"tok_s": batch / max(t_mem, t_cmp), "bound": "bandwidth" if t_mem >= t_cmp else "compute",
+            "bytes": decode_bytes(cfg, batch, context, bpp)}
+
+
+def prefill_bound(cfg: ModelConfig, m: Machine, batch: int, prompt: int) -> dict:
+    """Roofline tokens/s for prefilling `batch` prompts of `prompt` tokens (head only at the end)."""
+    bpp = 4 if m.dtype == "float32" else 2
+    pc = count_params(cfg)
+    t_mem = pc.total_params * bpp / (m.read_gbs * 1e9)
+    flops = batch * prompt * flops_per_token(cfg, prompt / 2, with_head=False) + batch * 2 * pc.active.get("lm_head", 0)
+    t_cmp = flops / (m.matmul_gflops * 1e9)
+    return {"tok_s": batch * prompt / max(t_mem, t_cmp), "bound": "bandwidth" if t_mem >= t_cmp else "compute"}

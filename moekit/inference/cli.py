@@ -1,0 +1,166 @@
+"""`moekit generate`: stream one prompt to the terminal, or run a JSONL file of prompts in batches.
+
+The tokenizer lives at this edge only: a model directory's `tokenizer.json` (Hugging Face
+`tokenizers`) when present, plain space-separated token ids otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from moekit.errors import MoekitError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_for_inference(model: str, dtype: str = "auto", seed: int = 0):
+    """A model directory / .gguf file, or a preset name (random init from `seed`), in eval mode."""
+    import moekit
+
+    want = None if dtype == "auto" else DTYPES[dtype]
+    p = Path(model)
+    if p.exists():
+        m = moekit.load_model(p, dtype=want)
+    else:
+        cfg = moekit.resolve_config(model)  # raises ConfigError listing the presets
+        m = moekit.build_model(cfg, seed=seed)
+        if want is not None:
+            m = m.to(want)
+    return m.eval()
+
+
+def load_tokenizer(model: str):
+    """`tokenizers.Tokenizer` from `MODEL/tokenizer.json` (or a .gguf file's embedded vocab), or None
+    (prompts are token ids)."""
+    if str(model).endswith(".gguf") and Path(model).is_file():
+        from moekit.checkpoint.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(model)
+    f = Path(model) / "tokenizer.json"
+    if not f.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(f))
+
+
+def encode(text: str, tok) -> list[int]:
+    if tok is not None:
+        return tok.encode(text).ids
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise MoekitError(f"prompt {text[:40]!r} is not a list of token ids and the model has no tokenizer.json; "
+                          "pass ids like --prompt '1 2 3' or use a model directory with a tokenizer") from None
+
+
+def _read_prompts(path: Path, tok) -> list[list[int]]:
+    if not path.is_file():
+        raise MoekitError(f"{path}: prompts file not found")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MoekitError(f"{path}:{n}: not valid JSON ({e})") from None
+        if isinstance(row, dict) and "prompt_ids" in row:
+            prompts.append([int(t) for t in row["prompt_ids"]])
+        elif isinstance(row, dict) and "prompt" in row:
+            prompts.append(encode(str(row["prompt"]), tok))
+        else:
+            raise MoekitError(f'{path}:{n}: each line needs {{"prompt": "text"}} or {{"prompt_ids": [ids]}}')
+    return prompts
+
+
+def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | None = None,
+                 output: Path | None = None, batch_size: int = 8, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 seed: int = 0, stop: list[int] | None = None,
+                 dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto", threads: int = 0) -> int:
+    """Generate text (or token ids) from a model directory, .gguf file or preset.
+
+    One --prompt streams its continuation to the terminal as it is produced; --prompts-file runs a
+    JSONL file ({"prompt": "text"} or {"prompt_ids": [...]} per line) in batches and writes one
+    JSON line per prompt to --output (or stdout). Without a tokenizer.json, prompts are token ids.
+
+    Args:
+        model: model directory, .gguf file, or preset name (random weights from --seed).
+        prompt: prompt text (or space-separated token ids).
+        prompts_file: JSONL file of prompts.
+        output: JSONL output file for --prompts-file (default: stdout).
+        batch_size: prompts per batch.
+        max_new_tokens: tokens to generate per prompt.
+        temperature: 0 = greedy.
+        top_k: keep the k most likely tokens (0 = off).
+        top_p: nucleus sampling mass (1.0 = off).
+        repetition_penalty: >1 discourages repeats (1.0 = off).
+        seed: sampling seed (and the weights' seed for a preset).
+        stop: token ids that end a sequence.
+        dtype: weights dtype (auto = as stored; float32 for presets).
+        threads: torch CPU threads (0 = torch's default).
+    """
+    from moekit.checkpoint.native import atomic_write_text
+    from moekit.inference.engine import Engine
+    from moekit.inference.sampling import SamplingParams
+
+    if (prompt is None) == (prompts_file is None):
+        raise MoekitError("give exactly one of --prompt or --prompts-file")
+    if batch_size < 1:
+        raise MoekitError(f"--batch-size must be >= 1 (got {batch_size})")
+    if threads:
+        torch.set_num_threads(threads)
+    if prompts_file is not None and not Path(prompts_file).is_file():
+        raise MoekitError(f"{prompts_file}: prompts file not found")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed, stop_token_ids=list(stop or []))
+    params.validate()
+    m = load_for_inference(model, dtype, seed)
+    # tokenizer.json beside the weights, else one the loader attached (e.g. embedded in a GGUF).
+    tok = load_tokenizer(model) or getattr(m, "tokenizer", None)
+    prompts = [encode(prompt, tok)] if prompt is not None else _read_prompts(Path(prompts_file), tok)
+    engine = Engine(m, max_batch_size=batch_size)
+
+    if prompt is not None:
+        streamed: list[int] = []
+        printed = [""]
+
+        def on_token(row: int, t: int) -> None:
+            streamed.append(t)
+            if tok is None:
+                sys.stdout.write(f"{t} ")
+            else:  # decode the whole tail so multi-token characters print once complete
+                text = tok.decode(streamed)
+                sys.stdout.write(text[len(printed[0]):])
+                printed[0] = text
+            sys.stdout.flush()
+
+        engine.generate(prompts, params, on_token=on_token)
+        sys.stdout.write("\n")
+        s = engine.stats
+        print(f"[{s.generated_tokens} tokens; prefill {s.prefill_s * 1e3:.0f} ms, "
+              f"decode {s.generated_tokens / max(s.decode_s, 1e-9):.1f} tok/s]", file=sys.stderr)
+        return 0
+
+    results = engine.generate(prompts, params)
+    lines = []
+    for g in results:
+        row = {"prompt_ids": g.prompt, "token_ids": g.tokens, "finish_reason": g.finish_reason}
+        if tok is not None:
+            row["text"] = tok.decode(g.tokens)
+        lines.append(json.dumps(row))
+    text = "\n".join(lines) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(Path(output), text)
+        s = engine.stats
+        print(f"wrote {len(results)} results to {output} ({s.generated_tokens} tokens, "
+              f"{s.generated_tokens / max(s.prefill_s + s.decode_s, 1e-9):.1f} tok/s)", file=sys.stderr)
+    return 0

@@ -1,0 +1,161 @@
+"""`moekit bench`, its roofline arithmetic, the runners' correctness, and GGUF export."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import moekit
+from moekit.bench import report, roofline, runners
+from moekit.checkpoint.native import CheckpointError
+from moekit.errors import MoekitError
+
+
+def test_reference_workload_bytes_match_the_issue():
+    """tiny-Mixtral in bf16: ~384 MB read per decode step at batch 1 (issue 6), ~83 tok/s at 32 GB/s."""
+    cfg = moekit.get_preset("tiny-mixtral")
+    b = roofline.decode_bytes(cfg, 1, 0, 2)
+    assert 380e6 < b < 390e6
+    m = roofline.Machine(read_gbs=32.0, matmul_gflops=2300.0, dtype="bfloat16", threads=2, device="cpu")
+    assert 80 < roofline.decode_bound(cfg, m, 1, 0)["tok_s"] < 86
+    # Larger batches touch more experts: all 8 at batch 32, so bytes grow towards all weights.
+    assert roofline.expected_experts_touched(8, 2, 1) == pytest.approx(2.0)
+    assert roofline.expected_experts_touched(8, 2, 32) == pytest.approx(8.0, abs=1e-3)
+    assert roofline.decode_bytes(cfg, 32, 0, 2) > 2 * b
+    # Prefill of 512 tokens is compute-bound.
+    assert roofline.prefill_bound(cfg, m, 1, 512)["bound"] == "compute"
+
+
+def test_machine_measurement_is_plausible():
+    bw = roofline.measure_read_bandwidth(mib=64, reps=2)
+    peak = roofline.measure_matmul_peak(torch.float32, n=256, reps=2)
+    assert 0.1 < bw < 2000 and 0.1 < peak < 1e6
+
+
+def _result(engine, batch, prompt, pre, dec):
+    return {"engine": engine, "batch": batch, "prompt": prompt, "new_tokens": 8, "prefill_tok_s": pre,
+            "ttft_ms": 1.0, "decode_tok_s": dec, "p50_ms": 1.0, "p99_ms": 2.0}
+
+
+def test_ratios_and_crossover_from_results():
+    rs = [_result("moekit", 1, 128, 100, 40), _result("moekit", 1, 512, 300, 30), _result("moekit", 8, 128, 0, 80),
+          _result("transformers", 1, 512, 100, 10), _result("transformers", 1, 128, 50, 20),
+          _result("dense", 1, 128, 50, 20), _result("dense", 8, 128, 50, 160)]
+    m = roofline.Machine(32.0, 2300.0, "bfloat16", 2, "cpu")
+    report.add_bounds(rs, {"moe": moekit.get_preset("tiny-mixtral"),
+                           "dense": moekit.dense_equivalent(moekit.get_preset("tiny-mixtral"))}, m)
+    t = {r["target"]: r for r in report.ratios(rs)}
+    assert t["prefill b1 vs transformers"]["ratio"] == pytest.approx(3.0)  # longest prompt
+    assert t["decode b1 vs transformers"]["ratio"] == pytest.approx(2.0) and t["decode b1 vs transformers"]["met"]
+    assert t["decode b1 vs llama.cpp"]["ratio"] is None
+    c = {x["batch"]: x for x in report.crossover(rs)}
+    assert c[1]["decode_ratio"] == pytest.approx(2.0) and c[8]["decode_ratio"] == pytest.approx(0.5)
+    assert "| moekit | 1 | 128 |" in report.markdown({"model": "x", "command": "c", "machine_desc": "d",
+                                                      "machine": m.to_dict(), "engines": [], "results": rs,
+                                                      "ratios": report.ratios(rs), "crossover": []})
+
+
+def test_bench_cli_quick_writes_json_markdown_png(tmp_path):
+    from moekit.cli import main
+
+    out = tmp_path / "b"
+    rc = main(["bench", "tiny-moe", "--quick", "--engines", "moekit", "dense", "--threads", "1",
+               "--batch-sizes", "1", "2", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert {(r["engine"], r["batch"]) for r in data["results"]} == {(e, b) for e in ("moekit", "dense") for b in (1, 2)}
+    for r in data["results"]:
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
+        assert 0 < r["decode_frac"] and r["decode_bound_tok_s"] > 0
+    assert data["machine"]["read_gbs"] > 0 and data["engines"][0]["peak_rss_bytes"] > 0
+    assert (out / "results.md").read_text().startswith("# moekit bench")
+    assert (out / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_cli_rejects_unknown_engine(tmp_path):
+    with pytest.raises(MoekitError, match="unknown engine"):
+        from moekit.bench.cli import bench_cli
+
+        bench_cli("tiny-moe", engines=["vllm"], out=tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
+def test_transformers_runner_generates_the_same_tokens(tmp_path):
+    """Same weights, same greedy tokens: the comparison is apples to apples."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.checkpoint.hf_export import export_hf
+    from moekit.inference import Engine, SamplingParams
+
+    cfg = moekit.get_preset("tiny-moe")
+    m = moekit.build_model(cfg, seed=0).eval()
+    hf = AutoModelForCausalLM.from_pretrained(export_hf(m, tmp_path / "hf")).eval()
+    ids = runners._prompts(cfg.vocab_size, 2, 6, seed=3)
+    ours = Engine(m).generate(ids.tolist(), SamplingParams(max_new_tokens=5))
+    with torch.no_grad():
+        theirs = hf.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5)[:, 6:]
+    assert [g.tokens for g in ours] == theirs.tolist()
+    r = runners.run_transformers(hf, 2, 6, 3, 0)
+    assert r["batch"] == 2 and r["decode_tok_s"] > 0
+
+
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-dense"])
+def test_gguf_export_round_trips(tmp_path, name):
+    from moekit.checkpoint.gguf import load_gguf
+    from moekit.checkpoint.gguf_export import export_gguf
+
+    m = moekit.build_model(moekit.get_preset(name), seed=0).eval()
+    path = export_gguf(m, tmp_path)
+    assert path.name == "model.gguf"
+    with pytest.warns(UserWarning, match="tokenizer"):
+        m2 = load_gguf(path)
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(m2(ids).logits, m(ids).logits)
+
+
+def test_gguf_export_qwen3moe_layout_and_refusals(tmp_path):
+    import dataclasses
+
+    import gguf
+
+    from moekit.checkpoint.gguf_export import export_gguf, gguf_arch
+
+    cfg = dataclasses.replace(moekit.get_preset("tiny-moe"), qk_norm=True)
+    cfg.moe = dataclasses.replace(cfg.moe, router="softmax_topk", norm_topk_prob=True)
+    path = export_gguf(moekit.build_model(cfg, seed=0).to(torch.bfloat16), tmp_path / "q.gguf")
+    r = gguf.GGUFReader(path)
+    assert r.fields["general.architecture"].contents() == "qwen3moe"
+    names = {t.name: t for t in r.tensors}
+    assert "blk.0.attn_q_norm.weight" in names and names["blk.0.ffn_gate_exps.weight"].tensor_type.name == "BF16"
+    with pytest.raises(CheckpointError, match="shared experts"):
+        gguf_arch(moekit.get_preset("tiny-qwen-moe"))
+
+
+def test_convert_cli_to_gguf(tmp_path):
+    from moekit.cli import main
+
+    src = tmp_path / "src"
+    moekit.save_model(moekit.build_model(moekit.get_preset("tiny-moe"), seed=0), src)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "gguf"]) == 0
+    assert (tmp_path / "out" / "model.gguf").stat().st_size > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
+def test_llamacpp_runner_matches_moekit_greedy(tmp_path):
+    from moekit.checkpoint.gguf_export import export_gguf
+    from moekit.inference import Engine, SamplingParams
+
+    cfg = moekit.get_preset("tiny-moe")
+    m = moekit.build_model(cfg, seed=0).eval()
+    llm = runners.LlamaCpp(str(export_gguf(m, tmp_path)), threads=1, n_ctx=256, n_seq=2)
+    ids = runners._prompts(cfg.vocab_size, 2, 6, seed=4).tolist()
+    first = llm.decode([(t, p, s, p == 5) for s in range(2) for p, t in enumerate(ids[s])])
+    ours = Engine(m).generate(ids, SamplingParams(max_new_tokens=1))
+    assert first == [g.tokens[0] for g in ours]
+    r = runners.run_llamacpp(llm, 2, 6, 3, 0)
+    llm.close()
+    assert r["decode_tok_s"] > 0

@@ -1,0 +1,222 @@
+"""Compiled CPU kernels (moekit.kernels) and the inference fast paths of the MoE layer.
+
+Shape legend: T tokens, D model dim, F expert hidden, E experts, K experts per token, S sorted rows,
+M rows of a small linear, N its outputs.
+
+The kernel tests skip where the kernels cannot be built (no AVX512-BF16, no compiler); the
+fast-path tests run everywhere, with the kernels forced on, split with F.linear, and off.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moekit import kernels
+from moekit.moe import experts as experts_mod
+from moekit.config import MoEConfig
+from moekit.moe.dispatch import loop_reference
+from moekit.moe.experts import GroupedExperts, activate
+from moekit.moe.layer import MoELayer
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="moekit CPU kernels not buildable here")
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+MODES = ["kernel", "split", "linear", "off"]
+"""kernel: every expert in the kernel; split: experts with <= 2 rows in the kernel, the rest
+F.linear; linear: kernels built but never chosen; off: MOEKIT_KERNELS=0."""
+
+
+def _mode(monkeypatch, mode: str) -> None:
+    if mode == "off":
+        monkeypatch.setenv("MOEKIT_KERNELS", "0")
+    else:
+        monkeypatch.setenv("MOEKIT_KERNEL_MAX_ROWS", {"kernel": "1000000", "split": "2", "linear": "0"}[mode])
+
+
+def _ref_experts(x_SD, w13, w2, counts, act, src=None, dst=None, scale=None, n_out=None):
+    """float64 per-expert loop: what moe_experts must compute."""
+    S = x_SD.shape[0] if src is None else src.numel()
+    out = torch.zeros(n_out or S, w13.shape[-1], dtype=torch.float64)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        for s in range(start, start + n):
+            xs = x_SD[s if src is None else src[s]].double()
+            h = activate(F.linear(xs, w13[e].double()), act)
+            y = F.linear(h, w2[e].double()) * (1.0 if scale is None else float(scale[s]))
+            out[s if dst is None else dst[s]] += y
+        start += n
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 45, 77), (3, 13, 31), (4, 64, 1024), (7, 33, 100), (16, 9, 4097)])
+def test_linear_matches_f_linear(dtype, M, N, K):
+    torch.manual_seed(M * N + K)
+    x, w = torch.randn(M, K).to(dtype), torch.randn(N, K).to(dtype)
+    got = kernels.linear(x, w)
+    want = F.linear(x.double(), w.double()).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * K ** 0.5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["swiglu", "geglu", "gelu"])
+@pytest.mark.parametrize("E,D,F_", [(1, 8, 4), (3, 37, 19), (5, 64, 33), (4, 130, 7)])
+def test_moe_experts_matches_loop(dtype, act, E, D, F_):
+    torch.manual_seed(E * 100 + D + F_)
+    H = F_ if act == "gelu" else 2 * F_
+    w13, w2 = (torch.randn(E, H, D) * 0.2).to(dtype), (torch.randn(E, D, F_) * 0.2).to(dtype)
+    counts = torch.randint(0, 7, (E,))
+    counts[0] = 0  # an expert with no rows must be skipped
+    S = int(counts.sum())
+    x = torch.randn(S, D).to(dtype)
+    got = kernels.moe_experts(x, w13, w2, counts, act)
+    want = _ref_experts(x.float(), w13.float(), w2.float(), counts, act)
+    # bf16: the hidden activation is rounded to bf16 before the second matmul (as F.linear does).
+    torch.testing.assert_close(got.double(), want, **({"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32
+                                                       else {"rtol": 3e-2, "atol": 3e-2}))
+
+
+@needs_kernels
+def test_moe_experts_gather_scatter_scale():
+    """src/dst/scale: rows read from arbitrary tokens, weighted, summed into shared output rows."""
+    torch.manual_seed(0)
+    E, D, F_, T = 4, 48, 20, 6
+    w13, w2 = torch.randn(E, 2 * F_, D) * 0.2, torch.randn(E, D, F_) * 0.2
+    x = torch.randn(T, D)
+    counts = torch.tensor([3, 0, 4, 2])
+    S = int(counts.sum())
+    src, dst, scale = torch.randint(0, T, (S,)), torch.randint(0, T, (S,)), torch.rand(S)
+    got = kernels.moe_experts(x, w13, w2, counts, "swiglu", src_S=src, dst_S=dst, scale_S=scale, n_out=T)
+    want = _ref_experts(x, w13, w2, counts, "swiglu", src, dst, scale, n_out=T)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_switch_off_disables(monkeypatch):
+    monkeypatch.setenv("MOEKIT_KERNELS", "0")
+    assert not kernels.enabled() and not kernels.available()
+    assert not kernels.usable(torch.zeros(2, 2))
+
+
+def test_usable_refuses_autograd_and_mixed_dtypes():
+    w = torch.zeros(4, 4, requires_grad=True)
+    assert not kernels.usable(torch.zeros(2, 4), w)  # grad mode and a weight that needs grad
+    assert not kernels.usable(torch.zeros(2, 4, dtype=torch.float16))
+    assert not kernels.usable(torch.zeros(2, 4), torch.zeros(4, 4, dtype=torch.bfloat16))
+
+
+CFGS = {
+    "mixtral": MoEConfig(num_experts=8, top_k=2, expert_dim=40),
+    "qwen": MoEConfig(num_experts=16, top_k=4, expert_dim=24, router="softmax_topk", norm_topk_prob=True,
+                      num_shared_experts=1, shared_expert_dim=32, shared_expert_gate=True),
+    "deepseek": MoEConfig(num_experts=16, top_k=3, expert_dim=24, router="sigmoid_topk", n_group=4, topk_group=2,
+                          score_correction_bias=True, routed_scaling_factor=2.5, norm_topk_prob=True),
+    "llama4_gelu": MoEConfig(num_experts=4, top_k=1, expert_dim=32, router="sigmoid_topk", weight_on_input=True,
+                             expert_act="gelu"),
+    "geglu_soft": MoEConfig(num_experts=4, top_k=4, expert_dim=16, router="soft", expert_act="geglu"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(CFGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_inference_matches_loop_reference(monkeypatch, mode, name, dtype):
+    _mode(monkeypatch, mode)
+    torch.manual_seed(1)
+    layer = MoELayer(32, CFGS[name]).to(dtype).eval()
+    for T in (1, 3, 50):
+        x = torch.randn(2, T, 32).to(dtype)
+        with torch.no_grad():
+            y, routing = layer(x)
+            layer.use_reference = True
+            y_ref, _ = layer(x)
+            layer.use_reference = False
+        torch.testing.assert_close(y, y_ref, **TOL[dtype])
+        assert routing.tokens_per_expert.sum() == 2 * T * (CFGS[name].top_k if name != "geglu_soft" else 4)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("mode", ["split", "linear"])
+def test_both_combine_strategies(monkeypatch, batched, mode):
+    """The batched and per-expert inference combines of F.linear experts agree with the loop."""
+    _mode(monkeypatch, mode)
+    monkeypatch.setattr(experts_mod, "BATCHED_COMBINE", batched)
+    torch.manual_seed(5)
+    layer = MoELayer(32, CFGS["deepseek"]).eval()
+    x = torch.randn(3, 21, 32)
+    with torch.no_grad():
+        y, _ = layer(x)
+        layer.use_reference = True
+        y_ref, _ = layer(x)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("mode", ["kernel", "split", "off"])
+@pytest.mark.parametrize("policy", ["score", "position"])
+def test_capacity_inference_matches_training_path(monkeypatch, batched, mode, policy):
+    """Capacity drops: the fused inference path must drop exactly what dispatch+combine drops."""
+    _mode(monkeypatch, mode)
+    monkeypatch.setattr(experts_mod, "BATCHED_COMBINE", batched)
+    torch.manual_seed(2)
+    layer = MoELayer(32, MoEConfig(num_experts=4, top_k=2, expert_dim=24, capacity_factor=0.75,
+                                   drop_policy=policy))
+    x = torch.randn(3, 17, 32)
+    with torch.no_grad():
+        y_fast, r_fast = layer(x)
+    y_slow, r_slow = layer(x.clone().requires_grad_())  # autograd on: the dispatch -> combine path
+    assert int(r_fast.dropped) == int(r_slow.dropped) > 0
+    torch.testing.assert_close(y_fast, y_slow.detach(), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("mode", ["kernel", "split"])
+def test_training_autograd_unaffected(monkeypatch, mode):
+    """With kernels on, a training step still builds the graph and matches the reference grads."""
+    _mode(monkeypatch, mode)
+    torch.manual_seed(3)
+    layer = MoELayer(32, CFGS["qwen"]).train()
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    y, r = layer(x)
+    (y.square().sum() + r.aux_loss).backward()
+    grads = [p.grad.clone() for p in layer.parameters()] + [x.grad.clone()]
+    layer.zero_grad()
+    x.grad = None
+    layer.use_reference = True
+    y_ref, r_ref = layer(x)
+    (y_ref.square().sum() + r_ref.aux_loss).backward()
+    torch.testing.assert_close(y, y_ref)
+    for g, p in zip(grads, list(layer.parameters()) + [x]):
+        torch.testing.assert_close(g, p.grad)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_grouped_experts_forward_no_grad_equals_grad_path(monkeypatch, mode):
+    _mode(monkeypatch, mode)
+    torch.manual_seed(4)
+    ex = GroupedExperts(6, 40, 24)
+    counts = torch.tensor([0, 5, 1, 3, 0, 20])
+    x = torch.randn(int(counts.sum()), 40)
+    want = ex(x, counts)  # grad enabled, parameters require grad: per-expert cat path
+    with torch.no_grad():
+        got = ex(x, counts)
+    torch.testing.assert_close(got, want.detach(), **TOL[torch.float32])
+
+
+@settings(max_examples=15, deadline=None)
+@given(E=st.integers(1, 12), k=st.integers(1, 4), T=st.integers(1, 40), D=st.integers(1, 40),
+       F_=st.integers(1, 24), seed=st.integers(0, 2**16))
+def test_property_inference_equals_loop(E, k, T, D, F_, seed):
+    k = min(k, E)
+    torch.manual_seed(seed)
+    layer = MoELayer(D, MoEConfig(num_experts=E, top_k=k, expert_dim=F_, router="softmax_topk",
+                                  norm_topk_prob=True)).eval()
+    x = torch.randn(T, D)
+    with torch.no_grad():
+        y, _ = layer(x)
+        r = layer.router(x)
+        y_ref = loop_reference(x, r.topk_ids_TK, r.topk_weights_TK, layer.experts)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
