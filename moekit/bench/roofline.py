@@ -17,6 +17,8 @@ import torch
 
 from moekit.config import ModelConfig
 from moekit.model.params import count_params
+from moekit.plan.roofline import expected_distinct_uniform
+from moekit.plan.spec import kv_bytes_per_token
 
 
 @dataclass
@@ -66,22 +68,22 @@ def measure_machine(dtype: torch.dtype, quick: bool = False) -> Machine:
 
 def expected_experts_touched(num_experts: int, top_k: int, tokens: int) -> float:
     """Mean number of distinct experts `tokens` tokens select (uniform routing): E(1-(1-k/E)^T)."""
-    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+    return expected_distinct_uniform(num_experts, top_k, tokens)
 
 
 def decode_bytes(cfg: ModelConfig, batch: int, context: int, bytes_per_param: float) -> float:
     """Bytes one decode step must read: the non-expert weights, every expert the batch touches
-    (uniform routing), and the KV cache of `context` tokens per row."""
+    (uniform routing), and the KV cache of `context` tokens per row (the planner's per-token KV
+    size, so bench and plan agree)."""
     pc = count_params(cfg)
     static = pc.active_params_no_embedding - pc.active.get("routed_experts", 0)
     experts = 0.0
     if cfg.moe is not None and pc.total.get("routed_experts"):
         per_expert = pc.total["routed_experts"] / cfg.moe.num_experts
         experts = per_expert * expected_experts_touched(cfg.moe.num_experts, cfg.moe.top_k, batch)
-    kv = 2 * cfg.n_layers * cfg.kv_heads * cfg.hd * context * batch
-    if cfg.attention == "mla":
-        kv = cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * context * batch
-    return (static + experts + kv) * bytes_per_param
+    kv_dtype = "fp32" if bytes_per_param >= 4 else "bf16"
+    kv_bytes = kv_bytes_per_token(cfg, kv_dtype)["model"] * context * batch
+    return (static + experts) * bytes_per_param + kv_bytes
 
 
 def flops_per_token(cfg: ModelConfig, context: float, with_head: bool = True) -> float:

@@ -25,45 +25,23 @@ log = logging.getLogger(__name__)
 ACTS = {"swiglu": 0, "geglu": 1, "gelu": 2}
 """Activation codes understood by the kernel."""
 
-MAX_ROWS_PER_EXPERT = 128
-"""Experts with more rows than this go to F.linear (oneDNN / MKL); at or below it the kernel's
-single weight pass wins or ties. This is the bf16 value on CPUs without AMX; `max_rows(dtype)`
-gives the value used for this CPU and dtype (override: MOEKIT_KERNEL_MAX_ROWS)."""
-
 
 def max_rows(dtype: torch.dtype) -> int:
     """Row threshold for the kernel at this dtype on this CPU.
 
-    Measured on AMD Zen 5 (AVX512-BF16, no AMX) with `python benchmarks/moe_layer.py --sweep-rows`
-    (docs/moe_layer.md): in bf16 the kernel beat oneDNN from 1 to 8 rows per expert and tied or beat
-    it up to 128 (with one thread; with two threads on a loaded machine it won everywhere, since
-    it is two parallel regions per call instead of several per expert); in float32 it beat MKL at
-    every size in the sweep (1-128 rows), but lost to MKL in the full benchmark at 256 (fine-grained,
-    T=2048) and 512 rows (Mixtral-style, T=2048), so it takes up to 128. With AMX (Sapphire Rapids and later) oneDNN's tile
-    GEMM should win from a few rows in bf16, and MKL is strong in fp32 on Intel, so
-    those get low thresholds (8 and 16): not measured on such a machine yet; rerun the sweep there
-    and override with MOEKIT_KERNEL_MAX_ROWS if it disagrees.
+    Measured on AMD Zen 5 (AVX512-BF16, no AMX) on a quiet machine with
+    `MOEKIT_KERNEL_MAX_ROWS=N python benchmarks/moe_layer.py --shapes mixtral` for N in 0, 4, 16,
+    128: in fp32 the kernel halves the time at a few rows per expert (T=8: 12 ms vs 26 ms for
+    transformers, 26 ms for MKL), while in bf16 oneDNN's GEMM ties it at 4-16 rows and beats it
+    badly at 128 (T=512: 61 ms with the kernel vs 27 ms without). Hence 8 rows in bf16 and 16 in
+    fp32 (the kernel does not block over rows). Earlier sweeps on a heavily loaded machine had
+    favoured the kernel up to 128 rows: oneDNN's several parallel regions per expert stall under
+    load, the kernel's two do not. Override with MOEKIT_KERNEL_MAX_ROWS.
     """
     env = os.environ.get("MOEKIT_KERNEL_MAX_ROWS")
     if env:
         return int(env)
-    flags = _cpu_flags()
-    if dtype == torch.bfloat16:
-        return 8 if "amx_bf16" in flags else MAX_ROWS_PER_EXPERT
-    # The kernel does not block over rows: past ~128 rows (fp32) an expert's activations leave L2
-    # and are re-read for every weight tile.
-    return 128 if "GenuineIntel" not in _vendor() else 16
-
-
-@functools.lru_cache(maxsize=1)
-def _vendor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return 8 if dtype == torch.bfloat16 else 16
 
 
 _lock = threading.Lock()
