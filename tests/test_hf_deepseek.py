@@ -27,6 +27,7 @@ from moekit.moe.router import route
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config  # noqa: E402
+from hf_tiny import hf_greedy, moekit_greedy
 
 VOCAB = 96
 
@@ -62,28 +63,6 @@ def _load(path):
         return moekit.load_model(path)
 
 
-def moekit_greedy(model, ids, n):
-    """Greedy decode with moekit's KV cache (prefill once, then one token per step)."""
-    cache = model.new_cache(ids.shape[0], ids.shape[1] + n)
-    out = model(ids, cache=cache)
-    cache.advance(ids.shape[1])
-    toks = []
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    for _ in range(n):
-        toks.append(nxt)
-        out = model(nxt, cache=cache)
-        cache.advance(1)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    return torch.cat(toks, 1)
-
-
-def hf_greedy(ref, ids, n):
-    ref.generation_config.eos_token_id = None
-    ref.generation_config.pad_token_id = 0
-    out = ref.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[:, ids.shape[1]:]
-
-
 @pytest.fixture(scope="module")
 def v3(tmp_path_factory):
     path = tmp_path_factory.mktemp("dsv3")
@@ -102,7 +81,7 @@ def test_v3_logits_greedy_and_export(v3, tmp_path):
     expect = ref(ids).logits
     torch.testing.assert_close(model(ids).logits, expect, atol=1e-4, rtol=0)
     prompt = ids[:1, :6]
-    assert torch.equal(moekit_greedy(model, prompt, 20), hf_greedy(ref, prompt, 20))
+    assert moekit_greedy(model, prompt, 20) == hf_greedy(ref, prompt, 20)
     # Export (interleaved RoPE rows restored) and reload in transformers.
     export_deepseek(model, tmp_path / "out")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()

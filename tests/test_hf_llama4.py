@@ -21,6 +21,7 @@ from moekit.config import ConfigError
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, Llama4TextConfig  # noqa: E402
+from hf_tiny import hf_greedy, moekit_greedy  # noqa: E402
 
 VOCAB = 96
 
@@ -42,26 +43,6 @@ def _build(cfg, path, seed=0, **save_kw):
     return ref
 
 
-def moekit_greedy(model, ids, n):
-    cache = model.new_cache(ids.shape[0], ids.shape[1] + n)
-    out = model(ids, cache=cache)
-    cache.advance(ids.shape[1])
-    toks = []
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    for _ in range(n):
-        toks.append(nxt)
-        out = model(nxt, cache=cache)
-        cache.advance(1)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    return torch.cat(toks, 1)
-
-
-def hf_greedy(ref, ids, n):
-    ref.generation_config.eos_token_id = None
-    ref.generation_config.pad_token_id = 0
-    return ref.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)[:, ids.shape[1]:]
-
-
 @pytest.fixture(scope="module")
 def l4(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama4")
@@ -80,7 +61,7 @@ def test_logits_greedy_export(l4, tmp_path):
     torch.testing.assert_close(model(ids).logits, expect, atol=1e-4, rtol=0)
     # Greedy crosses chunk boundaries (prompt 6 + 20 tokens > 3 chunks of 8) through the cache.
     prompt = ids[:1, :6]
-    assert torch.equal(moekit_greedy(model, prompt, 20), hf_greedy(ref, prompt, 20))
+    assert moekit_greedy(model, prompt, 20) == hf_greedy(ref, prompt, 20)
     export_llama4(model, tmp_path / "out")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(back(ids).logits, expect, atol=1e-4, rtol=0)

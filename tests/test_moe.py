@@ -10,7 +10,7 @@ import torch
 from torch.testing import assert_close
 
 from moekit.config import MoEConfig, capacity
-from moekit.moe import MoELayer, balance, loop_reference, route
+from moekit.moe import MoELayer, balance, route
 from moekit.moe.experts import DenseFFN
 
 ROUTER_VARIANTS = {
