@@ -10,10 +10,10 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import ModelConfig
+from moekit.model.loss import cross_entropy
 from moekit.model.attention import Attention, KVCache, RMSNorm, decode_linear
 from moekit.model.rope import RotaryEmbedding
 from moekit.moe.experts import DenseFFN, GroupedExperts
@@ -170,7 +170,7 @@ class Transformer(nn.Module):
                 "z": mcfg.z_loss_coef * torch.stack([r.z_loss for r in moe_r]).sum(),
             }
         if labels is not None:
-            ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            ce = cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
             out.ce_loss = ce
             out.loss = ce + sum(out.aux_losses.values()) if out.aux_losses else ce
         return out
