@@ -6,18 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from train_helpers import tiny_data
+from train_helpers import one_thread, tiny_data  # noqa: F401 (autouse fixture)
 
 from moekit.train.compare import compare, render_report
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_compare_end_to_end(tmp_path, monkeypatch):

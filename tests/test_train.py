@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from train_helpers import tiny_data, tiny_model
+from train_helpers import one_thread, tiny_data, tiny_model  # noqa: F401 (autouse fixture)
 
 from moekit.cli import main as cli_main
 from moekit.errors import MoekitError
@@ -24,13 +24,6 @@ def data(tmp_path_factory):
     return tiny_data(tmp_path_factory.mktemp("train"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Bit-exact replays need a fixed reduction order: fix the thread count.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _tc(**kw) -> TrainConfig:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
+import torch
+
 SUBJECTS = ["the king", "a ship", "the river", "the old sailor", "our nation", "the city", "a scholar", "the army"]
 VERBS = ["crossed", "praised", "built", "watched", "defended", "described", "left", "found"]
 OBJECTS = ["the bridge", "a distant shore", "the northern hills", "its people", "the great library", "the harbor"]
@@ -43,3 +46,12 @@ def tiny_model(data, preset: str = "tiny-moe", seed: int = 0, **moe_changes):
     if moe_changes:
         cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, **moe_changes))
     return build_model(cfg, seed=seed)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Bit-exact replays need a fixed reduction order: pin torch to one thread per test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from moekit.checkpoint.hf_pieces import Piece, Plan, SkippingPlan, deinterleave_rows
+from moekit.checkpoint.hf_pieces import Piece, Plan, SkippingPlan, deinterleave_rows, gated_mlp_pieces
 from moekit.config import ConfigError, ModelConfig, MoEConfig
 
 ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
@@ -153,14 +153,9 @@ def weight_plan(cfg: ModelConfig, interleaved: bool, prefix: str = "model.", fus
                 w2.append(Piece(he + "down_proj.weight", expert=e))
             plan[f + "experts.w13"], plan[f + "experts.w2"] = w13, w2
             if mc.num_shared_experts:
-                S_ = mc.shared_expert_dim
-                plan[f + "shared.w13.weight"] = [Piece(hm + "shared_experts.gate_proj.weight", rows=(0, S_)),
-                                                 Piece(hm + "shared_experts.up_proj.weight", rows=(S_, 2 * S_))]
-                plan[f + "shared.w2.weight"] = [Piece(hm + "shared_experts.down_proj.weight")]
+                gated_mlp_pieces(plan, f + "shared.", hm + "shared_experts.", mc.shared_expert_dim)
         else:
-            plan[f + "w13.weight"] = [Piece(hm + "gate_proj.weight", rows=(0, cfg.ffn_dim)),
-                                      Piece(hm + "up_proj.weight", rows=(cfg.ffn_dim, 2 * cfg.ffn_dim))]
-            plan[f + "w2.weight"] = [Piece(hm + "down_proj.weight")]
+            gated_mlp_pieces(plan, f, hm, cfg.ffn_dim)
     return plan
 
 

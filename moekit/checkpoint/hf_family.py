@@ -15,7 +15,7 @@ from moekit.checkpoint.hf_config import (
     llama_config, mixtral_config, olmoe_config, qwen2_config, qwen2_moe_config, qwen3_moe_config,
     register_architecture, unsupported,
 )
-from moekit.checkpoint.hf_pieces import Piece, Plan
+from moekit.checkpoint.hf_pieces import Piece, Plan, gated_mlp_pieces
 from moekit.config import ConfigError, ModelConfig
 
 # HF names of (gate, up, down) inside one expert, per architecture.
@@ -52,10 +52,7 @@ def make_plan(cfg: ModelConfig, model_type: str, keys: set[str] | None) -> Plan:
         if cfg.is_moe_layer(i):
             _moe_plan(plan, cfg, model_type, hf, mk, keys)
         else:
-            F = cfg.ffn_dim
-            plan[mk + "ffn.w13.weight"] = [Piece(hf + "mlp.gate_proj.weight", rows=(0, F)),
-                                           Piece(hf + "mlp.up_proj.weight", rows=(F, 2 * F))]
-            plan[mk + "ffn.w2.weight"] = [Piece(hf + "mlp.down_proj.weight")]
+            gated_mlp_pieces(plan, mk + "ffn.", hf + "mlp.", cfg.ffn_dim)
     return plan
 
 
@@ -80,11 +77,7 @@ def _moe_plan(plan: Plan, cfg: ModelConfig, model_type: str, hf: str, mk: str, k
             + [Piece(f"{block}experts.{e}.{u}.weight", expert=e, rows=(F, 2 * F)) for e in e_])
         plan[mk + "ffn.experts.w2"] = [Piece(f"{block}experts.{e}.{d}.weight", expert=e) for e in e_]
     if m.num_shared_experts:
-        S = m.shared_expert_dim
-        s = block + "shared_expert."
-        plan[mk + "ffn.shared.w13.weight"] = [Piece(s + "gate_proj.weight", rows=(0, S)),
-                                              Piece(s + "up_proj.weight", rows=(S, 2 * S))]
-        plan[mk + "ffn.shared.w2.weight"] = [Piece(s + "down_proj.weight")]
+        gated_mlp_pieces(plan, mk + "ffn.shared.", block + "shared_expert.", m.shared_expert_dim)
         if m.shared_expert_gate:
             plan[mk + "ffn.shared_gate.weight"] = [Piece(block + "shared_expert_gate.weight")]
 

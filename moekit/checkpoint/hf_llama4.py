@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from moekit.checkpoint.hf_pieces import Piece, Plan, deinterleave_rows
+from moekit.checkpoint.hf_pieces import Piece, Plan, deinterleave_rows, gated_mlp_pieces
 from moekit.config import ConfigError, ModelConfig, MoEConfig
 
 ARCHITECTURES = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
@@ -141,14 +141,9 @@ def weight_plan(cfg: ModelConfig, prefix: str = "model.", head_key: str = "lm_he
                                        for e in range(mc.num_experts)]
             plan[f + "experts.w2"] = [Piece(hf + "experts.down_proj", expert=e, src_index=e, transpose=True)
                                       for e in range(mc.num_experts)]
-            S_ = mc.shared_expert_dim
-            plan[f + "shared.w13.weight"] = [Piece(hf + "shared_expert.gate_proj.weight", rows=(0, S_)),
-                                             Piece(hf + "shared_expert.up_proj.weight", rows=(S_, 2 * S_))]
-            plan[f + "shared.w2.weight"] = [Piece(hf + "shared_expert.down_proj.weight")]
+            gated_mlp_pieces(plan, f + "shared.", hf + "shared_expert.", mc.shared_expert_dim)
         else:
-            plan[f + "w13.weight"] = [Piece(hf + "gate_proj.weight", rows=(0, cfg.ffn_dim)),
-                                      Piece(hf + "up_proj.weight", rows=(cfg.ffn_dim, 2 * cfg.ffn_dim))]
-            plan[f + "w2.weight"] = [Piece(hf + "down_proj.weight")]
+            gated_mlp_pieces(plan, f, hf, cfg.ffn_dim)
     return plan
 
 

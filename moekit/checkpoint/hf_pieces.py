@@ -55,6 +55,15 @@ class SkippingPlan(dict):
         self.skip = skip
 
 
+def gated_mlp_pieces(plan: "Plan", mk: str, hf: str, width: int) -> None:
+    """Map an HF gated MLP (`{hf}gate_proj`, `up_proj`, `down_proj`) onto moekit's fused
+    `{mk}w13.weight` (gate rows, then up rows) and `{mk}w2.weight`; used for dense FFNs and
+    shared experts by every architecture."""
+    plan[mk + "w13.weight"] = [Piece(hf + "gate_proj.weight", rows=(0, width)),
+                               Piece(hf + "up_proj.weight", rows=(width, 2 * width))]
+    plan[mk + "w2.weight"] = [Piece(hf + "down_proj.weight")]
+
+
 def deinterleave_rows(n_heads: int, head: int, start: int, width: int) -> tuple[Fn, Fn]:
     """Row permutation turning interleaved rope pairs (x0, x1), (x2, x3) .. into rotate-half order
     (x0, x2, .. | x1, x3, ..) in rows [start, start+width) of each of `n_heads` blocks of `head`
