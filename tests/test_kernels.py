@@ -96,6 +96,82 @@ def test_moe_experts_gather_scatter_scale():
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,K,E", [(1, 1, 1), (1, 2, 8), (5, 3, 6), (8, 8, 8), (20, 2, 4)])
+def test_moe_experts_topk_matches_loop_reference(dtype, T, K, E):
+    """The one-call path (counting sort inside the kernel) equals the per-expert loop."""
+    torch.manual_seed(T * 10 + K)
+    D, F_ = 40, 24
+    w13, w2 = (torch.randn(E, 2 * F_, D) * 0.2).to(dtype), (torch.randn(E, D, F_) * 0.2).to(dtype)
+    x = torch.randn(T, D).to(dtype)
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    w = torch.rand(T, K)
+    got = kernels.moe_experts_topk(x, ids, w, w13, w2, "swiglu")
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    want = _ref_experts(x.float(), w13.float(), w2.float(), torch.bincount(flat, minlength=E), "swiglu",
+                        src=order // K, dst=order // K, scale=w.reshape(-1)[order], n_out=T)
+    torch.testing.assert_close(got.double(), want, **({"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32
+                                                      else {"rtol": 3e-2, "atol": 3e-2}))
+
+
+@needs_kernels
+def test_moe_experts_topk_rejects_bad_expert_ids():
+    w13, w2 = torch.zeros(4, 8, 16), torch.zeros(4, 16, 4)
+    with pytest.raises(RuntimeError, match="expert id 4 out of range"):
+        kernels.moe_experts_topk(torch.zeros(1, 16), torch.tensor([[4]]), torch.ones(1, 1), w13, w2, "swiglu")
+
+
+def _ref_decode_attention(q, k, v, pos, scale):
+    """float64 softmax attention of each row's one query over its keys 0..pos[b] (GQA by repeat)."""
+    B, H, d = q.shape
+    G = k.shape[1]
+    kk = k.double().repeat_interleave(H // G, dim=1)
+    vv = v.double().repeat_interleave(H // G, dim=1)
+    out = torch.zeros(B, H, d, dtype=torch.float64)
+    for b in range(B):
+        n = int(pos[b]) + 1
+        s = torch.einsum("hd,hld->hl", q[b].double(), kk[b, :, :n]) * scale
+        out[b] = torch.einsum("hl,hld->hd", s.softmax(-1), vv[b, :, :n])
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,G,d,L", [(1, 1, 1, 16, 1), (1, 16, 4, 64, 200), (3, 8, 2, 32, 37), (2, 4, 4, 128, 9)])
+def test_decode_attention_matches_reference(dtype, B, H, G, d, L):
+    torch.manual_seed(B + H + L)
+    q = torch.randn(B, H, d).to(dtype)
+    k, v = torch.randn(B, G, L, d).to(dtype), torch.randn(B, G, L, d).to(dtype)
+    pos = torch.randint(0, L, (B,))
+    pos[0] = L - 1  # one row sees the whole cache; the others stop early (ragged)
+    got = kernels.decode_attention(q, k, v, pos, d ** -0.5)
+    want = _ref_decode_attention(q.float(), k.float(), v.float(), pos, d ** -0.5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["kernel", "off"])
+def test_bf16_cached_decode_matches_full_forward(monkeypatch, mode):
+    """bf16 decode through the cache (compiled attention kernel, or the PyTorch path with its
+    rounded-up key window) gives the full forward's logits, past the 128-slot window edge."""
+    _mode(monkeypatch, mode)
+    import moekit
+
+    model = moekit.build_model(moekit.get_preset("tiny-moe"), seed=0, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 140), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits.float()
+        cache = model.new_cache(2, 160)
+        model(ids[:, :120], cache=cache)
+        cache.advance(120)
+        got = []
+        for t in range(120, 140):
+            got.append(model(ids[:, t:t + 1], cache=cache).logits[:, 0].float())
+            cache.advance(1)
+    torch.testing.assert_close(torch.stack(got, 1), full[:, 120:140], rtol=0.05, atol=0.05)
+
+
 def test_switch_off_disables(monkeypatch):
     monkeypatch.setenv("MOEKIT_KERNELS", "0")
     assert not kernels.enabled() and not kernels.available()

@@ -96,7 +96,7 @@ def load():
             if not _cached_build_exists():
                 log.warning("moekit: compiling CPU kernels once (about 30 s, then cached; MOEKIT_KERNELS=0 skips)")
             _module = load_inline(
-                "moekit_cpu_kernels", cpp_sources=[src], functions=["moe_experts", "linear_small"],
+                "moekit_cpu_kernels", cpp_sources=[src], functions=["moe_experts", "moe_experts_topk", "linear_small", "decode_attention"],
                 extra_cflags=["-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mavx512bf16"],
                 verbose=False,
             )
@@ -155,11 +155,41 @@ def moe_experts(x_RD: torch.Tensor, w13_EHD: torch.Tensor, w2_EDF: torch.Tensor,
     return out_ND
 
 
+def moe_experts_topk(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                     w13_EHD: torch.Tensor, w2_EDF: torch.Tensor, act: str) -> torch.Tensor:
+    """out[t] = sum_k topk_weights_TK[t, k] * expert_{topk_ids_TK[t, k]}(x_TD[t]), float32 [T, D].
+
+    The whole dropless MoE block after the router in one call: grouping by expert (a counting sort),
+    both expert matmuls, the activation and the weighted combine. For decode-sized T, where the
+    separate dispatch ops (argsort, bincount, gather, index arithmetic) cost more than the routing.
+    """
+    mod = load()
+    if mod is None:
+        raise RuntimeError("moekit CPU kernels are not available; check available() first")
+    with torch.profiler.record_function("moekit::moe_experts"):
+        return mod.moe_experts_topk(x_TD.contiguous(), topk_ids_TK.to(torch.int64).contiguous(),
+                                    topk_weights_TK.to(torch.float32).contiguous(), w13_EHD.contiguous(),
+                                    w2_EDF.contiguous(), ACTS[act])
+
+
 def linear(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     """x @ w.T for small M (decode), float32 result; same contract as F.linear without bias."""
     mod = load()
     if mod is None:
         raise RuntimeError("moekit CPU kernels are not available; check available() first")
     lead = x_MK.shape[:-1]
-    out = mod.linear_small(x_MK.reshape(-1, x_MK.shape[-1]).contiguous(), w_NK.contiguous())
+    with torch.profiler.record_function("moekit::linear_small"):
+        out = mod.linear_small(x_MK.reshape(-1, x_MK.shape[-1]).contiguous(), w_NK.contiguous())
     return out.view(*lead, w_NK.shape[0])
+
+
+def decode_attention(q_BHd: torch.Tensor, k_BGLd: torch.Tensor, v_BGLd: torch.Tensor, pos_B: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One query per row: softmax(q . k / sqrt) . v over keys 0..pos_B[b] of the whole-cache tensors
+    k_BGLd / v_BGLd (grouped-query: head h reads kv head h // (H / G)); float32 [B, H, d]."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError("moekit CPU kernels are not available; check available() first")
+    with torch.profiler.record_function("moekit::decode_attention"):
+        return mod.decode_attention(q_BHd.contiguous(), k_BGLd.contiguous(), v_BGLd.contiguous(),
+                                    pos_B.to(torch.int64).contiguous(), float(scale))

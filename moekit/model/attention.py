@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit import kernels
 from moekit.config import ModelConfig
 
 
@@ -80,12 +81,22 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     inputs (at most 8 rows, no autograd): oneDNN's bf16 GEMV reads weights at about half the DRAM
     bandwidth and decode is bandwidth-bound, so this is where decode time goes."""
     if x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() <= 8 * x.shape[-1]:
-        from moekit import kernels
-
         if kernels.usable(x, w):
             y = kernels.linear(x, w)
             return (y if b is None else y + b).to(x.dtype)
     return F.linear(x, w, b)
+
+
+KEY_WINDOW = 128
+"""Granularity of the bf16 decode key window on the PyTorch path (see Attention.forward)."""
+
+
+def _kernel_attention(q_BH1d: torch.Tensor, k_BGLd: torch.Tensor, v_BGLd: torch.Tensor) -> bool:
+    """Whether the compiled decode-attention kernel can take this call (CPU, no autograd, one dtype,
+    head dim a multiple of 16)."""
+    return (q_BH1d.device.type == "cpu" and not torch.is_grad_enabled() and q_BH1d.shape[-1] % 16 == 0
+            and k_BGLd.dtype == q_BH1d.dtype and k_BGLd.is_contiguous() and v_BGLd.is_contiguous()
+            and kernels.usable(q_BH1d, k_BGLd, v_BGLd))
 
 
 def decode_attention(q_BH1d: torch.Tensor, k_BGLd: torch.Tensor, v_BGLd: torch.Tensor,
@@ -173,8 +184,20 @@ class Attention(nn.Module):
                 # plain causal attention on the new keys is exact and ~1.5x faster than a mask.
                 o = F.scaled_dot_product_attention(q_BHSd, k_BGSd, v_BGSd, is_causal=S > 1, scale=self.scale,
                                                    enable_gqa=self.n_kv != self.n_heads)
+            elif S == 1 and self.chunk is None and _kernel_attention(q_BHSd, kc, vc):
+                o = kernels.decode_attention(q_BHSd.reshape(B, self.n_heads, self.hd), kc, vc, pos_BS[:, 0],
+                                             self.scale).to(q_BHSd.dtype).view(B, self.n_heads, 1, self.hd)
             elif S == 1:
-                o = decode_attention(q_BHSd, kc[:, :, :seen], vc[:, :, :seen], mask_B1SL, self.scale)
+                L, mask_B1SL = seen, mask_B1SL
+                if q_BHSd.dtype == torch.bfloat16 and q_BHSd.device.type == "cpu" and self.chunk is None:
+                    # A key window rounded up to KEY_WINDOW slots (the extra ones masked): oneDNN
+                    # builds a new bf16 matmul primitive for every new shape (~0.1 ms, twice per
+                    # layer per step), so a length growing by one each step costs more than the
+                    # math. Slots past a row's length hold zeros or stale finite keys; masked, they
+                    # get probability exactly 0.
+                    L = min(kc.shape[2], -(-seen // KEY_WINDOW) * KEY_WINDOW)
+                    mask_B1SL = torch.arange(L, device=kc.device).view(1, 1, 1, L) <= pos_BS.view(B, 1, 1, 1)
+                o = decode_attention(q_BHSd, kc[:, :, :L], vc[:, :, :L], mask_B1SL, self.scale)
             else:
                 o = F.scaled_dot_product_attention(q_BHSd, kc[:, :, :seen].to(q_BHSd.dtype),
                                                    vc[:, :, :seen].to(q_BHSd.dtype), attn_mask=mask_B1SL,

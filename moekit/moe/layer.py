@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moekit import kernels
 from moekit.config import MoEConfig
 from moekit.moe import balance
 from moekit.moe.dispatch import Dispatcher, loop_reference
@@ -69,6 +70,11 @@ class MoELayer(nn.Module):
         if self.use_reference:
             out_TD = loop_reference(x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts, self.cfg.weight_on_input)
             dropped = torch.zeros((), dtype=torch.int64, device=x_TD.device)
+        elif self._fused_topk(x_TD):
+            # Decode-sized CPU inference: grouping, experts and combine in one kernel call.
+            out_TD = kernels.moe_experts_topk(x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts.w13,
+                                              self.experts.w2, self.experts.act).to(x_TD.dtype)
+            dropped = torch.zeros((), dtype=torch.int64)
         else:
             d = self.dispatcher.dispatch(x_TD, r.topk_ids_TK, r.topk_weights_TK, self.cfg.weight_on_input)
             if _inference(x_TD, self.experts, d.weights_S):
@@ -86,6 +92,14 @@ class MoELayer(nn.Module):
             out_TD = out_TD + s_TD
         routing = self._routing(r, shape[0] if len(shape) == 3 else 1, dropped, return_ids)
         return out_TD.view(shape), routing
+
+    def _fused_topk(self, x_TD: torch.Tensor) -> bool:
+        """Whether the one-call kernel path applies: CPU inference, dropless, weights on the output,
+        and so few tokens that no expert can get more rows than the kernel's threshold."""
+        cfg, ex = self.cfg, self.experts
+        return (x_TD.shape[0] <= kernels.max_rows(x_TD.dtype) and cfg.capacity_factor is None
+                and not cfg.weight_on_input and ex.act in kernels.ACTS and _inference(x_TD, ex)
+                and kernels.usable(x_TD, ex.w13, ex.w2))
 
     def _routing(self, r, batch: int, dropped: torch.Tensor, return_ids: bool) -> Routing:
         cfg = self.cfg
