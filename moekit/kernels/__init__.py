@@ -95,9 +95,15 @@ def load():
             # that pauses for half a minute must say why. A cached build loads in about a second.
             if not _cached_build_exists():
                 log.warning("moekit: compiling CPU kernels once (about 30 s, then cached; MOEKIT_KERNELS=0 skips)")
+            # at::parallel_for is a header template: with ATen's OpenMP backend it only runs in
+            # parallel when *this* file is compiled with -fopenmp (without it every kernel ran on
+            # one core). GOMP symbols resolve to the libgomp torch already loaded, so no second
+            # OpenMP runtime and no link flag.
+            omp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
             _module = load_inline(
-                "moekit_cpu_kernels", cpp_sources=[src], functions=["moe_experts", "moe_experts_topk", "linear_small", "decode_attention"],
-                extra_cflags=["-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mavx512bf16"],
+                "moekit_cpu_kernels", cpp_sources=[src],
+                functions=["moe_experts", "moe_experts_topk", "linear_small", "decode_attention"],
+                extra_cflags=["-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mavx512bf16", *omp],
                 verbose=False,
             )
         except Exception as exc:  # no compiler, no ninja, odd toolchain: the fallback is correct
