@@ -137,6 +137,7 @@ def build(shape: Shape, dtype: torch.dtype, gib: float):
     for i in range(n):
         torch.manual_seed(i)
         layer = MoELayer(shape.dim, mcfg).to(dtype).eval()
+        layer.loss_stats = False  # inference, as in moekit's engine: HF's block computes no aux losses either
         with torch.no_grad():  # weights large enough that the routing is not degenerate
             layer.router.weight.normal_(0, 0.05)
         hf = cls(hcfg).eval()
@@ -307,9 +308,11 @@ def write_markdown(res: dict, path: Path) -> None:
         "## How moekit runs the block on CPU (inference)", "",
         "1. Router in float32, stable sort of the T*K assignments by expert, one gather of the rows.",
         "2. Experts with at most `moekit.kernels.max_rows(dtype)` rows go to one call of the compiled kernel "
-        "(`moekit/kernels/moe_cpu.cpp`: AVX512-BF16 `vdpbf16ps` / AVX-512 FMA, tiles of 4 weight rows x up to 4 "
-        "token rows, gate+up+activation fused, each thread streams a contiguous slice of every expert's weights, "
-        "weighted scatter into a float32 [T, D] accumulator with no atomics).",
+        "(`moekit/kernels/moe_cpu.cpp`: AVX512-BF16 `vdpbf16ps` / AVX-512 FMA, one weight row at a time with "
+        "software prefetch 4 KiB ahead, each row used by up to 8 token rows while it is in registers, gate+up+"
+        "activation fused, each OpenMP thread streams a contiguous slice of every expert's weights, weighted "
+        "scatter into a float32 [T, D] accumulator with no atomics). At decode sizes (T <= that threshold) the "
+        "grouping itself happens inside the kernel (`moe_experts_topk`), so the layer costs the router plus one call.",
         "3. The remaining experts run as two F.linear calls each (oneDNN bf16 / MKL fp32) and are added to the same "
         "accumulator with index_select + addcmul_ + index_copy_ while their output is in cache.",
         "4. Training (autograd on) keeps the plain per-expert loop + dispatcher combine; CUDA bf16 uses "

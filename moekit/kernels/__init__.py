@@ -29,19 +29,18 @@ ACTS = {"swiglu": 0, "geglu": 1, "gelu": 2}
 def max_rows(dtype: torch.dtype) -> int:
     """Row threshold for the kernel at this dtype on this CPU.
 
-    Measured on AMD Zen 5 (AVX512-BF16, no AMX) on a quiet machine with
-    `MOEKIT_KERNEL_MAX_ROWS=N python benchmarks/moe_layer.py --shapes mixtral` for N in 0, 4, 16,
-    128: in fp32 the kernel halves the time at a few rows per expert (T=8: 12 ms vs 26 ms for
-    transformers, 26 ms for MKL), while in bf16 oneDNN's GEMM ties it at 4-16 rows and beats it
-    badly at 128 (T=512: 61 ms with the kernel vs 27 ms without). Hence 8 rows in bf16 and 16 in
-    fp32 (the kernel does not block over rows). Earlier sweeps on a heavily loaded machine had
-    favoured the kernel up to 128 rows: oneDNN's several parallel regions per expert stall under
-    load, the kernel's two do not. Override with MOEKIT_KERNEL_MAX_ROWS.
+    Measured on AMD Zen 5 (AVX512-BF16, no AMX, 2 threads) with `python benchmarks/moe_layer.py
+    --sweep-rows` (every expert of the block gets M rows, weights streamed): in bf16 the kernel
+    beats oneDNN's F.linear up to 16 rows per expert (Mixtral-style 6.9 vs 7.1 ms, 64-expert block
+    4.9 vs 8.0 ms) and loses from 32 (18 vs 10 ms); in fp32 it wins up to 32 (37 vs 47 ms, 25 vs
+    28 ms) and loses at 64 on the 64-expert block. Hence 16 rows in bf16 and 32 in fp32 (the
+    kernel streams each weight row once and reuses it for up to 8 rows per pass: it is a GEMV, not
+    a blocked GEMM). Re-measure on other CPUs; override with MOEKIT_KERNEL_MAX_ROWS.
     """
     env = os.environ.get("MOEKIT_KERNEL_MAX_ROWS")
     if env:
         return int(env)
-    return 8 if dtype == torch.bfloat16 else 16
+    return 16 if dtype == torch.bfloat16 else 32
 
 
 _lock = threading.Lock()
