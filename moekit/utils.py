@@ -23,3 +23,38 @@ class Fp32Buffers(nn.Module):
             for n, b in kept.items():
                 self._buffers[n] = b.to(device=device, dtype=torch.float32)
         return out
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+
+
+def retain_freed_memory(on: bool = True) -> bool:
+    """Keep freed memory in the process instead of handing it back to the OS (glibc only).
+
+    A training step allocates and frees the same large activations, logits and gradients every
+    step. glibc serves blocks above its mmap threshold (at most 32 MiB) with a fresh mmap and
+    unmaps them on free, so every step pays a page fault per 4 KiB of them again (measured on a
+    2-core VM: 168 ms to first-touch one 134 MB float32 logits copy, against ~5 ms to copy it).
+    With `on`, large blocks come from the heap and freed memory is kept for the next step
+    (`moekit train` does this; MOEKIT_RETAIN_MEMORY=0 opts out). `on=False` sets glibc's usual
+    steady state again (32 MiB mmap threshold). Returns False where it cannot apply (not glibc).
+    """
+    import ctypes
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    if on and os.environ.get("MOEKIT_RETAIN_MEMORY", "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    if on:
+        ok = mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    else:
+        ok = (mallopt(_M_MMAP_MAX, 65536) and mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+              and mallopt(_M_TRIM_THRESHOLD, 64 << 20))
+    return bool(ok)

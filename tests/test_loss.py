@@ -7,12 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from moekit.model import loss as loss_mod
 from moekit.model.loss import cross_entropy
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ignore", [False, True])
-def test_matches_torch_cross_entropy(dtype, ignore):
+@pytest.mark.parametrize("rows_per_block", [None, 1, 5])
+def test_matches_torch_cross_entropy(monkeypatch, dtype, ignore, rows_per_block):
+    """Whole-tensor and row-blocked passes (blocks of 1 and 5 rows, the last one partial)."""
+    if rows_per_block:
+        monkeypatch.setattr(loss_mod, "CHUNK_BYTES", 4 * 101 * rows_per_block)
     torch.manual_seed(0)
     N, V = 37, 101
     logits = (torch.randn(N, V) * 4).to(dtype)

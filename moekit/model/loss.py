@@ -7,20 +7,37 @@ runs log_softmax, and in backward zero-fills an [N, V] gradient for the NLL befo
 log_softmax's own backward: on a small-vocab CPU model (8192 x 4096 positions) those passes
 were about half of a whole training step. Here the forward computes only a float32 logsumexp and
 the target logits, and the backward writes `softmax - onehot`, scaled, in a single float32
-buffer that is cast once to the logits' dtype. Values and gradients equal F.cross_entropy's
+buffer per row block that is cast once to the logits' dtype. Values and gradients equal F.cross_entropy's
 (tests/test_loss.py).
+
+Both passes walk the rows in blocks of about CHUNK_BYTES of float32, so each block's upcast,
+subtract, exp and sum run while it is in cache: on 2 Zen 5 cores, [4096, 8192] bf16 logits took
+39 ms forward + backward in 128-row blocks against 85 ms in whole-tensor passes (the float32
+temporaries of a whole pass are 134 MB, and each one is a fresh allocation paying page faults).
 """
 
 from __future__ import annotations
 
 import torch
 
+CHUNK_BYTES = 4 << 20
+"""Float32 bytes per row block (4 MiB: inside L2+L3 on current CPUs)."""
+
+
+def _rows_per_chunk(V: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * V))
+
+
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_NV: torch.Tensor, target_N: torch.Tensor, ignore_index: int) -> torch.Tensor:
         # Softmax statistics in float32 whatever the logits' dtype (bf16 under autocast).
-        lse_N = torch.logsumexp(logits_NV.float(), dim=-1)
+        N, V = logits_NV.shape
+        c = _rows_per_chunk(V)
+        lse_N = torch.empty(N, dtype=torch.float32, device=logits_NV.device)
+        for a in range(0, N, c):
+            lse_N[a:a + c] = torch.logsumexp(logits_NV[a:a + c].float(), dim=-1)
         valid_N = target_N != ignore_index
         tgt_N = torch.where(valid_N, target_N, 0)
         picked_N = logits_NV.gather(1, tgt_N.unsqueeze(1)).squeeze(1).float()
@@ -32,12 +49,18 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         logits_NV, tgt_N, valid_N, lse_N, count = ctx.saved_tensors
-        # softmax = exp(logits - lse), built in place in one float32 buffer.
-        grad_NV = logits_NV.float().sub_(lse_N.unsqueeze(1)).exp_()
-        grad_NV.scatter_add_(1, tgt_N.unsqueeze(1), torch.full_like(lse_N, -1.0).unsqueeze(1))
-        # One pass for the mean's scale, the upstream gradient and ignored positions.
-        grad_NV.mul_(valid_N.unsqueeze(1) * (grad_out / count))
-        return grad_NV.to(logits_NV.dtype), None, None
+        N, V = logits_NV.shape
+        c = _rows_per_chunk(V)
+        grad_NV = torch.empty_like(logits_NV)
+        # The mean's scale, the upstream gradient and ignored positions, as one factor per row.
+        scale_N1 = (valid_N * (grad_out / count)).unsqueeze(1)
+        minus_one = torch.full((min(c, N), 1), -1.0, device=logits_NV.device)
+        for a in range(0, N, c):
+            # softmax = exp(logits - lse), built in place in one float32 block, minus the one-hot.
+            g = logits_NV[a:a + c].float().sub_(lse_N[a:a + c].unsqueeze(1)).exp_()
+            g.scatter_add_(1, tgt_N[a:a + c].unsqueeze(1), minus_one[:g.shape[0]])
+            grad_NV[a:a + c] = g.mul_(scale_N1[a:a + c])
+        return grad_NV, None, None
 
 
 def cross_entropy(logits_NV: torch.Tensor, target_N: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

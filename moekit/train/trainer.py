@@ -24,6 +24,7 @@ from moekit.checkpoint.native import atomic_write_text
 from moekit.errors import MoekitError
 from moekit.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
 from moekit.train.telemetry import Telemetry
+from moekit.utils import retain_freed_memory
 
 __all__ = ["TrainConfig", "TrainResult", "TrainError", "train", "train_cli", "latest_checkpoint", "lr_at"]
 
@@ -142,6 +143,7 @@ def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume
     out = Path(out)
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    retain_freed_memory()  # no page faults on each step's large fresh buffers (see its docstring)
     if model.config.vocab_size < data.vocab_size:
         raise TrainError(f"model vocab_size {model.config.vocab_size} < tokenizer vocab {data.vocab_size}; "
                          "use a config whose vocab_size matches the data")
