@@ -31,6 +31,27 @@ class Dispatched:
     """Number of assignments dropped for lack of capacity (int64 scalar)."""
     weights_applied: bool = False
     """True when the weights were folded into the expert input (Llama 4 style)."""
+    inv_S: torch.Tensor | None = None
+    """Dropless training only: the inverse of the rows_S permutation (see `permute_rows`)."""
+
+
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, perm_N, inv_N):
+        ctx.save_for_backward(inv_N)
+        return x_ND.index_select(0, perm_N)
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        (inv_N,) = ctx.saved_tensors
+        return g_ND.index_select(0, inv_N), None, None
+
+
+def permute_rows(x_ND: torch.Tensor, perm_N: torch.Tensor, inv_N: torch.Tensor) -> torch.Tensor:
+    """x_ND[perm_N] for a permutation perm_N of the rows, with inv_N its inverse. The backward is
+    another gather (by inv_N); autograd's generic indexing backward is an accumulating index_put,
+    which runs as a serial loop on CPU (~3 ms per MoE layer per step on small-moe)."""
+    return _PermuteRows.apply(x_ND, perm_N, inv_N)
 
 
 class Dispatcher:
@@ -72,10 +93,19 @@ class Dispatcher:
             counts_E = counts_E.clamp(max=C)
         rows_S = order_A
         weights_S = flat_w_A[rows_S]
-        x_SD = x_TD[rows_S // K]
+        inv_S = None
+        if cf is None and torch.is_grad_enabled() and x_TD.requires_grad:
+            # Training, dropless: rows_S is a permutation of all T*K assignments, so both the
+            # gather here and the scatter in combine are permutations with gather backwards.
+            inv_S = torch.empty_like(rows_S)
+            inv_S[rows_S] = torch.arange(rows_S.numel(), device=rows_S.device)
+            D = x_TD.shape[-1]
+            x_SD = permute_rows(x_TD.unsqueeze(1).expand(T, K, D).reshape(T * K, D), rows_S, inv_S)
+        else:
+            x_SD = x_TD[rows_S // K]
         if weight_on_input:
             x_SD = x_SD * weights_S.to(x_SD.dtype).unsqueeze(-1)
-        return Dispatched(x_SD, counts_E, rows_S, weights_S, T, K, dropped, weight_on_input)
+        return Dispatched(x_SD, counts_E, rows_S, weights_S, T, K, dropped, weight_on_input, inv_S)
 
     def combine(self, y_SD: torch.Tensor, d: Dispatched) -> torch.Tensor:
         """Weighted sum of each token's expert outputs; dropped assignments contribute zero.
@@ -88,6 +118,8 @@ class Dispatcher:
             # Multiply in float32 then cast: the weights are float32 routing values.
             y_SD = (y_SD.float() * d.weights_S.unsqueeze(-1)).to(y_SD.dtype)
         D = y_SD.shape[-1]
+        if d.inv_S is not None:
+            return permute_rows(y_SD, d.inv_S, d.rows_S).view(T, K, D).sum(1)
         if K == 1 and y_SD.shape[0] == T:
             out_AD = y_SD.new_empty(T, D)
             out_AD[d.rows_S] = y_SD
