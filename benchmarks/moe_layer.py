@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from moekit import kernels  # noqa: E402
 from moekit.config import MoEConfig  # noqa: E402
 from moekit.moe.layer import MoELayer  # noqa: E402
+from moekit.plan import measure  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -77,26 +78,9 @@ def machine() -> dict:
     }
 
 
-def _best(fn, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
-
-
 def measure_bandwidth() -> float:
-    """DRAM read bandwidth (bytes/s): best of a 1 GiB reduction and, if built, the GEMV kernel."""
-    buf = torch.ones(256 * 2**20, dtype=torch.float32)  # 1 GiB
-    best = buf.numel() * 4 / _best(lambda: buf.sum(), 3)
-    del buf
-    if kernels.available():
-        ws = [torch.randn(8192, 4096).to(torch.bfloat16) for _ in range(16)]  # 1 GiB in 64 MiB pieces
-        x = torch.randn(1, 4096).to(torch.bfloat16)
-        t = _best(lambda: [kernels.linear(x, w) for w in ws], 3)
-        best = max(best, 16 * 8192 * 4096 * 2 / t)
-    return best
+    """DRAM read bandwidth (bytes/s): best of a 1 GiB reduction and the decode GEMV path."""
+    return 1e9 * max(measure.read_bandwidth_gbs(1024, 3), measure.gemv_bandwidth_gbs(1024, 3)[0])
 
 
 def measure_peak(dtype: torch.dtype) -> float:
@@ -105,7 +89,7 @@ def measure_peak(dtype: torch.dtype) -> float:
     for m, n, k in ((2048, 5632, 1024), (2048, 1024, 2816), (1024, 4096, 4096)):
         a, b = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
         F.linear(a, b)
-        best = max(best, 2 * m * n * k / _best(lambda: F.linear(a, b), 3))
+        best = max(best, 2 * m * n * k / measure.best_time(lambda: F.linear(a, b), 3))
     return best
 
 

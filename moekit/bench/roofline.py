@@ -4,19 +4,20 @@ Shape legend: M, N, K matmul dims. B batch, P prompt length, E experts, K_top ex
 
 Read bandwidth is the best of several `sum`s over a buffer far larger than the caches (what a
 decode step does to its weights: stream them once); matmul peak is the best of several large
-GEMMs in the benchmark's dtype (oneDNN/AMX for bf16 on CPUs that have it). A result's roofline
+GEMMs in the benchmark's dtype (oneDNN/AMX for bf16 on CPUs that have it); both come from
+`moekit.plan.measure`, shared with the planner. A result's roofline
 bound is the smaller of the compute bound and the bandwidth bound for the bytes it must read.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from moekit.config import ModelConfig
 from moekit.model.params import count_params
+from moekit.plan import measure
 from moekit.plan.roofline import expected_distinct_uniform
 from moekit.plan.spec import kv_bytes_per_token
 
@@ -35,28 +36,14 @@ class Machine:
         return asdict(self)
 
 
-def _best_time(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def measure_read_bandwidth(mib: int = 1024, reps: int = 5) -> float:
     """GB/s for summing a float32 buffer of `mib` MiB (much larger than any cache)."""
-    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
-    t = _best_time(lambda: x.sum(), reps)
-    return x.numel() * 4 / t / 1e9
+    return measure.read_bandwidth_gbs(mib, reps)
 
 
 def measure_matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     """GFLOP/s of an n x n x n GEMM in `dtype`."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    t = _best_time(lambda: torch.mm(a, b), reps)
-    return 2 * n**3 / t / 1e9
+    return measure.matmul_peak_gflops(dtype, n, reps)
 
 
 def measure_machine(dtype: torch.dtype, quick: bool = False) -> Machine:

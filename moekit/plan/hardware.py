@@ -1,8 +1,8 @@
 """Accelerator and CPU-host descriptions for the roofline: memory, bandwidth and matmul peaks.
 
 GPU figures are vendor datasheet peaks (dense, no structured sparsity; SXM/OAM parts), memory as
-the driver reports it. `this-cpu` is measured on the spot with torch (read bandwidth from a 1 GiB
-sum, matmul peaks from 2048^3 GEMMs, decode-shaped GEMV bandwidth) and cached in
+the driver reports it. `this-cpu` is measured on the spot (`moekit.plan.measure`: read bandwidth
+from a 1 GiB sum, matmul peaks from 2048^3 GEMMs, decode-shaped GEMV bandwidth) and cached in
 ~/.cache/moekit/this-cpu.json; `--remeasure` refreshes it.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -89,53 +88,30 @@ def _ram_gib() -> float:
     return float("nan")
 
 
-def _median_time(fn, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2]
-
-
-def _read_bandwidth(read_gib: float) -> float:
-    import torch
-
-    x = torch.ones(int(read_gib * GIB) // 4, dtype=torch.float32)
-    x.sum()
-    return x.numel() * 4 / _median_time(x.sum, 5) / 1e9
-
-
 def measure_this_cpu(read_gib: float = 1.0, gemm_n: int = 2048) -> Hardware:
-    """Measure this host with torch: ~5-10 s on 2 cores.
+    """Measure this host with torch (`moekit.plan.measure`): ~5-10 s on 2 cores.
 
     1. read bandwidth: sum of a `read_gib` fp32 tensor (far beyond the caches);
     2. bf16 and fp32 matmul peak: gemm_n^3 GEMMs;
-    3. decode-shaped GEMV: one row through a 16384 x 4096 bf16 weight (128 MiB), what a decode
-       step's weight reads actually achieve with eager PyTorch.
+    3. decode-shaped GEMV: one bf16 row through `read_gib` of weights, via the path moekit's decode
+       takes (its compiled kernel when available, else F.linear): what decode weight reads achieve.
     """
     import torch
-    import torch.nn.functional as F
     from tqdm import tqdm
 
+    from moekit.plan import measure
+
+    mib = max(64, int(read_gib * 1024))
     with tqdm(total=3, desc="measuring this CPU", leave=False) as bar:
-        bw = _read_bandwidth(read_gib)
+        bw = measure.read_bandwidth_gbs(mib, 5)
         bar.update()
-        peaks = {}
-        n = gemm_n
-        for dt in (torch.bfloat16, torch.float32):
-            a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
-            a @ b
-            peaks[dt] = 2 * n**3 / _median_time(lambda: a @ b, 3) / 1e12
+        peaks = {dt: measure.matmul_peak_gflops(dt, gemm_n, 3) / 1e3 for dt in (torch.bfloat16, torch.float32)}
         bar.update()
-        w = torch.randn(16384, 4096).to(torch.bfloat16)
-        v = torch.randn(1, 4096).to(torch.bfloat16)
-        F.linear(v, w)
-        gemv = w.numel() * 2 / _median_time(lambda: F.linear(v, w), 7) / 1e9
+        gemv, path = measure.gemv_bandwidth_gbs(mib, 3)
         bar.update()
     return Hardware("this-cpu", round(_ram_gib(), 2), round(bw, 2), round(peaks[torch.bfloat16], 4), None, kind="cpu",
-                    source=f"measured: {_cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+                    source=f"measured: {_cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                           f"GEMV via {path}",
                     gemv_bandwidth_gbs=round(gemv, 2), fp32_tflops=round(peaks[torch.float32], 4))
 
 
@@ -145,7 +121,10 @@ def this_cpu(remeasure: bool = False) -> Hardware:
 
     from moekit.checkpoint.native import atomic_write_text
 
-    key = f"{_cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    from moekit import kernels
+
+    key = (f"{_cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
+           f"moekit kernels {kernels.available()}")
     path = _cache_path()
     if not remeasure and path.is_file():
         try:
