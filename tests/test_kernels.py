@@ -172,6 +172,25 @@ def test_bf16_cached_decode_matches_full_forward(monkeypatch, mode):
     torch.testing.assert_close(torch.stack(got, 1), full[:, 120:140], rtol=0.05, atol=0.05)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["swiglu", "geglu", "gelu"])
+@pytest.mark.parametrize("T", [1, 5])
+def test_dense_ffn_kernel_path_matches_linear(dtype, act, T):
+    """The dense FFN (dense baseline, shared experts) at decode sizes runs as one fused-kernel
+    expert; it must equal its two F.linear calls (the grad-mode path)."""
+    from moekit.moe.experts import DenseFFN
+
+    torch.manual_seed(T)
+    ffn = DenseFFN(48, 40, act).to(dtype)
+    x = torch.randn(2, T, 48).to(dtype)
+    want = ffn(x).detach()  # parameters require grad: the F.linear path
+    with torch.no_grad():
+        got = ffn(x)
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+
+
 def test_switch_off_disables(monkeypatch):
     monkeypatch.setenv("MOEKIT_KERNELS", "0")
     assert not kernels.enabled() and not kernels.available()
