@@ -266,7 +266,12 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+  // A parallel region costs more than a short decode's whole attention: split the (b, h) pairs
+  // over threads only when each thread gets at least ~64K multiply-adds.
+  int64_t work = 0;
+  for (int64_t b = 0; b < B; ++b) work = std::max(work, std::min(pos[b] + 1, Lmax));
+  const int64_t grain = std::max<int64_t>(1, (int64_t)65536 / std::max<int64_t>(1, work * d));
+  at::parallel_for(0, B * H, grain, [&](int64_t lo, int64_t hi) {
     std::vector<float> p;
     std::vector<__m512> qv(nv), acc(nv);
     for (int64_t bh = lo; bh < hi; ++bh) {
