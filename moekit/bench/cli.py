@@ -121,8 +121,9 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
     Prefill tokens/s, time to first token, decode tokens/s, per-token latency p50/p99 and peak RSS
     at each batch size and prompt length, each as a fraction of this machine's roofline (read
     bandwidth and matmul peak are measured in the same run). Engines that are not installed or
-    cannot take the model are skipped and say why. Writes results.json, results.md and
-    throughput.png to --out.
+    cannot take the model are skipped and say why. Engines are interleaved: for each shape, every
+    engine in turn (rotating which goes first), each in a fresh process. Writes results.json,
+    results.md and throughput.png to --out.
 
     Args:
         model: model directory, .gguf file or preset name (random weights from --seed).
@@ -135,7 +136,7 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
         out: output directory.
         quick: small shapes and short measurements (tests, CI).
         seed: seed for random weights and prompts.
-        timeout: seconds allowed per engine.
+        timeout: seconds allowed per engine and shape.
         max_prefill_tokens: skip shapes whose batch x prompt exceeds this (0 = run every shape).
     """
     from moekit.bench import report
@@ -179,30 +180,45 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
             machine = measure_machine(tdtype, quick)
         data["machine"] = machine.to_dict()
         con.print(f"machine: {machine.read_gbs:.1f} GB/s read, {machine.matmul_gflops:.0f} GFLOP/s {dtype}")
+        # Interleaved: one worker per (shape, engine), engines in a rotating order for each shape, so a
+        # machine whose speed drifts during the run (shared hosts, burst credits: the first engine of a
+        # sequential run measured ~20% faster than the last here) slows every engine alike.
+        shapes = [(b, p) for p in prompt_lens for b in batch_sizes
+                  if not max_prefill_tokens or b * p <= max_prefill_tokens]
+        live = []
         for eng in engines:
             if eng in skipped:
                 data["engines"].append({"engine": eng, "status": f"skipped: {skipped[eng]}"})
                 con.print(f"[yellow]{eng}: skipped ({skipped[eng]})")
-                continue
-            spec = {"engine": eng, "path": paths[eng], "dtype": dtype, "threads": threads, "seed": seed,
-                    "batch_sizes": batch_sizes, "prompt_lens": prompt_lens, "new_tokens": new_tokens,
-                    "max_prefill_tokens": max_prefill_tokens}
-            (tmp / "spec.json").write_text(json.dumps(spec))
-            res_path = tmp / f"{eng}.json"
-            t0 = time.perf_counter()
-            shapes = sum(1 for b in batch_sizes for p in prompt_lens if not max_prefill_tokens or b * p <= max_prefill_tokens)
-            proc = _run_worker(con, eng, tmp / "spec.json", res_path, shapes, timeout)
-            if proc is None or proc.returncode != 0 or not res_path.exists():
-                why = "timed out" if proc is None else f"exit {proc.returncode}: " + \
-                    (proc.stderr_text.strip().splitlines() or ["no output"])[-1][:200]
-                data["engines"].append({"engine": eng, "status": f"failed ({why})"})
-                con.print(f"[red]{eng}: failed ({why})")
-                continue
-            r = json.loads(res_path.read_text())
-            data["results"].extend(r["results"])
-            data["engines"].append({"engine": eng, "status": "ok", "peak_rss_bytes": r["peak_rss_bytes"],
-                                    "load_s": r["load_s"], "wall_s": time.perf_counter() - t0})
-            con.print(f"{eng}: done in {time.perf_counter() - t0:.0f} s")
+            else:
+                live.append(eng)
+        stats = {e: {"engine": e, "status": "ok", "peak_rss_bytes": 0, "load_s": 0.0, "wall_s": 0.0} for e in live}
+        for i, (b, p) in enumerate(shapes):
+            k = i % max(1, len(live))
+            for eng in live[k:] + live[:k]:
+                st = stats[eng]
+                if st["status"] != "ok":
+                    continue
+                spec = {"engine": eng, "path": paths[eng], "dtype": dtype, "threads": threads, "seed": seed,
+                        "batch_sizes": [b], "prompt_lens": [p], "new_tokens": new_tokens, "max_prefill_tokens": 0}
+                (tmp / "spec.json").write_text(json.dumps(spec))
+                res_path = tmp / f"{eng}.json"
+                res_path.unlink(missing_ok=True)
+                t0 = time.perf_counter()
+                proc = _run_worker(con, eng, tmp / "spec.json", res_path, 1, timeout)
+                st["wall_s"] += time.perf_counter() - t0
+                if proc is None or proc.returncode != 0 or not res_path.exists():
+                    why = "timed out" if proc is None else f"exit {proc.returncode}: " + \
+                        (proc.stderr_text.strip().splitlines() or ["no output"])[-1][:200]
+                    st["status"] = f"failed ({why})"
+                    con.print(f"[red]{eng}: failed ({why})")
+                    continue
+                r = json.loads(res_path.read_text())
+                data["results"].extend(r["results"])
+                st["peak_rss_bytes"] = max(st["peak_rss_bytes"], r["peak_rss_bytes"])
+                st["load_s"] = max(st["load_s"], r["load_s"])
+        data["engines"].extend(stats[e] for e in live)
+        data["results"].sort(key=lambda r: (engines.index(r["engine"]), r["prompt"], r["batch"]))
 
     report.add_bounds(data["results"], {"moe": cfg, "dense": dense_equivalent(cfg)}, machine)
     data["ratios"] = report.ratios(data["results"])
