@@ -6,7 +6,7 @@ bf16. One run measures this machine's read bandwidth and matmul peak, then moeki
 equivalent, transformers and llama.cpp (when llama-cpp-python is installed) on the same weights
 at batch 1, 8, 32 and prompt 128, 512, and writes JSON + markdown + PNG.
 
-    python benchmarks/inference_reference.py                 # full run, ~5-8 min on a quiet machine
+    python benchmarks/inference_reference.py                 # 3 interleaved rounds, ~15 min on a quiet machine
     python benchmarks/inference_reference.py --quick         # tiny-moe, seconds (smoke test)
 
 Results go to benchmarks/results/inference-<model>/ (results.json, results.md, throughput.png);
@@ -30,6 +30,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--max-prefill-tokens", type=int, default=0,
                     help="skip batch x prompt shapes above this (e.g. 4096 drops batch 32 x 512 on a busy machine)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved sweeps; each figure is the median over rounds (this machine drifts by 20-40%% "
+                         "within minutes)")
     a = ap.parse_args()
     from moekit.cli import main as moekit_main
 
@@ -40,6 +43,8 @@ def main() -> int:
         argv += ["--max-prefill-tokens", str(a.max_prefill_tokens)]
     if a.quick:
         argv.append("--quick")
+    else:
+        argv += ["--rounds", str(a.rounds)]
     return moekit_main(argv)
 
 

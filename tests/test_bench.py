@@ -159,3 +159,14 @@ def test_llamacpp_runner_matches_moekit_greedy(tmp_path):
     r = runners.run_llamacpp(llm, 2, 6, 3, 0)
     llm.close()
     assert r["decode_tok_s"] > 0
+
+
+def test_rounds_are_reduced_to_medians_with_samples_kept():
+    from moekit.bench.cli import _median_over_rounds
+
+    rows = [_result("moekit", 1, 128, pre, dec) for pre, dec in ((100, 40), (300, 10), (200, 30))]
+    rows.append(_result("transformers", 1, 128, 50, 20))
+    out = {r["engine"]: r for r in _median_over_rounds(rows)}
+    assert out["moekit"]["prefill_tok_s"] == 200 and out["moekit"]["decode_tok_s"] == 30
+    assert out["moekit"]["samples"]["decode_tok_s"] == [40, 10, 30]
+    assert out["transformers"]["decode_tok_s"] == 20 and len(out) == 2

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,10 +113,30 @@ def _run_worker(con, eng: str, spec: Path, res: Path, shapes: int, timeout: int)
     return None if timed_out and proc.returncode != 0 else proc
 
 
+_METRICS = ("prefill_tok_s", "ttft_ms", "decode_tok_s", "p50_ms", "p99_ms")
+
+
+def _median_over_rounds(results: list[dict]) -> list[dict]:
+    """One result per (engine, batch, prompt): the median of each metric over rounds, with the
+    per-round samples kept under "samples"."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["engine"], r["batch"], r["prompt"]), []).append(r)
+    out = []
+    for rs in groups.values():
+        m = dict(rs[0])
+        for k in _METRICS:
+            m[k] = statistics.median(r[k] for r in rs)
+        m["samples"] = {k: [r[k] for r in rs] for k in _METRICS}
+        out.append(m)
+    return out
+
+
 def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: list[int] | None = None,
               new_tokens: int = 32, engines: list[str] | None = None,
               dtype: Literal["bfloat16", "float32"] = "bfloat16", threads: int = 2, out: Path = Path("bench_results"),
-              quick: bool = False, seed: int = 0, timeout: int = 900, max_prefill_tokens: int = 0) -> int:
+              quick: bool = False, seed: int = 0, timeout: int = 900, max_prefill_tokens: int = 0,
+              rounds: int = 1) -> int:
     """Benchmark generation speed against the dense equivalent, transformers and llama.cpp.
 
     Prefill tokens/s, time to first token, decode tokens/s, per-token latency p50/p99 and peak RSS
@@ -138,9 +159,11 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
         seed: seed for random weights and prompts.
         timeout: seconds allowed per engine and shape.
         max_prefill_tokens: skip shapes whose batch x prompt exceeds this (0 = run every shape).
+        rounds: repeat the interleaved sweep (and the roofline measurement) this many times; each
+            figure is the median over rounds, with every sample kept in results.json.
     """
     from moekit.bench import report
-    from moekit.bench.roofline import measure_machine
+    from moekit.bench.roofline import Machine, measure_machine
     from moekit.checkpoint.native import atomic_write_text
     from moekit.model.params import dense_equivalent
 
@@ -152,8 +175,8 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
     bad = [e for e in engines if e not in ENGINES]
     if bad:
         raise MoekitError(f"--engines: unknown engine(s) {bad}; choose from {' '.join(ENGINES)}")
-    if min(batch_sizes) < 1 or min(prompt_lens) < 1 or new_tokens < 2:
-        raise MoekitError("--batch-sizes and --prompt-lens must be >= 1 and --new-tokens >= 2")
+    if min(batch_sizes) < 1 or min(prompt_lens) < 1 or new_tokens < 2 or rounds < 1:
+        raise MoekitError("--batch-sizes and --prompt-lens must be >= 1, --new-tokens >= 2 and --rounds >= 1")
     torch.set_num_threads(threads)
     tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     out = Path(out)
@@ -161,7 +184,8 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
     command = (f"moekit bench {shlex.quote(model)} --batch-sizes {' '.join(map(str, batch_sizes))} "
                f"--prompt-lens {' '.join(map(str, prompt_lens))} --new-tokens {new_tokens} --engines "
                f"{' '.join(engines)} --dtype {dtype} --threads {threads} --seed {seed}"
-               + (f" --max-prefill-tokens {max_prefill_tokens}" if max_prefill_tokens else ""))
+               + (f" --max-prefill-tokens {max_prefill_tokens}" if max_prefill_tokens else "")
+               + (f" --rounds {rounds}" if rounds > 1 else ""))
 
     from rich.console import Console
 
@@ -176,10 +200,6 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
         if max_len > cfg.max_seq_len:
             raise MoekitError(f"prompt {max(prompt_lens)} + {new_tokens} new tokens exceeds the model's context "
                               f"limit {cfg.max_seq_len}; lower --prompt-lens or --new-tokens")
-        with con.status("measuring read bandwidth and matmul peak"):
-            machine = measure_machine(tdtype, quick)
-        data["machine"] = machine.to_dict()
-        con.print(f"machine: {machine.read_gbs:.1f} GB/s read, {machine.matmul_gflops:.0f} GFLOP/s {dtype}")
         # Interleaved: one worker per (shape, engine), engines in a rotating order for each shape, so a
         # machine whose speed drifts during the run (shared hosts, burst credits: the first engine of a
         # sequential run measured ~20% faster than the last here) slows every engine alike.
@@ -193,8 +213,14 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
             else:
                 live.append(eng)
         stats = {e: {"engine": e, "status": "ok", "peak_rss_bytes": 0, "load_s": 0.0, "wall_s": 0.0} for e in live}
-        for i, (b, p) in enumerate(shapes):
-            k = i % max(1, len(live))
+        machines = []
+        for rnd, i, (b, p) in ((r, i, sh) for r in range(rounds) for i, sh in enumerate(shapes)):
+            if i == 0:
+                with con.status("measuring read bandwidth and matmul peak"):
+                    machines.append(measure_machine(tdtype, quick))
+                con.print(f"round {rnd + 1}/{rounds}: {machines[-1].read_gbs:.1f} GB/s read, "
+                          f"{machines[-1].matmul_gflops:.0f} GFLOP/s {dtype}")
+            k = (i + rnd) % max(1, len(live))
             for eng in live[k:] + live[:k]:
                 st = stats[eng]
                 if st["status"] != "ok":
@@ -218,7 +244,13 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
                 st["peak_rss_bytes"] = max(st["peak_rss_bytes"], r["peak_rss_bytes"])
                 st["load_s"] = max(st["load_s"], r["load_s"])
         data["engines"].extend(stats[e] for e in live)
+        data["results"] = _median_over_rounds(data["results"])
         data["results"].sort(key=lambda r: (engines.index(r["engine"]), r["prompt"], r["batch"]))
+        machine = Machine(**{**machines[0].to_dict(),
+                             "read_gbs": statistics.median(m.read_gbs for m in machines),
+                             "matmul_gflops": statistics.median(m.matmul_gflops for m in machines)})
+        data["machine"] = machine.to_dict()
+        data["machine_rounds"] = [m.to_dict() for m in machines]
 
     report.add_bounds(data["results"], {"moe": cfg, "dense": dense_equivalent(cfg)}, machine)
     data["ratios"] = report.ratios(data["results"])
