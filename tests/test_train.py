@@ -48,6 +48,13 @@ def test_tiny_run_lowers_loss_and_writes_outputs(data, tmp_path):
         assert (tmp_path / "run" / f).is_file(), f
     assert (res.checkpoint / "tokenizer.json").is_file()
     assert res.tokens == 40 * 4 * 32
+    # The run directory itself loads as a model: its newest checkpoint, with the tokenizer attached.
+    import moekit
+
+    loaded = moekit.load_model(tmp_path / "run")
+    assert loaded.tokenizer.encode("hello").ids
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
 
 
 @pytest.mark.parametrize("preset,changes", [("tiny-moe", {}),

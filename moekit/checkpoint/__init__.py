@@ -34,6 +34,19 @@ def load_any(path: str | Path, dtype=None, device="cpu"):
         raise CheckpointError(f"{p}: no such file or directory")
     if is_native(p):
         return load_native(p, dtype=dtype, device=device)
+    if (p / "checkpoints").is_dir() and not (p / "config.json").is_file():
+        # A `moekit train` run directory: its newest complete checkpoint.
+        from moekit.train.state import latest_checkpoint
+
+        ck = latest_checkpoint(p)
+        if ck is None:
+            raise CheckpointError(f"{p}: a training run with no complete checkpoint yet")
+        model = load_native(ck, dtype=dtype, device=device)
+        if (ck / "tokenizer.json").is_file():  # the edge tokenizer travels with the run's checkpoint
+            from tokenizers import Tokenizer
+
+            model.tokenizer = Tokenizer.from_file(str(ck / "tokenizer.json"))
+        return model
     if p.is_file() and p.suffix == ".gguf":
         from moekit.checkpoint.gguf import load_gguf
 
