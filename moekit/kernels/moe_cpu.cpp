@@ -250,6 +250,8 @@ torch::Tensor moe_experts_topk(torch::Tensor x, torch::Tensor ids, torch::Tensor
 
 namespace {
 
+constexpr int64_t kMaxHeadDim = 512;
+
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const bf16* p) {  // bf16 -> fp32 is a 16-bit left shift
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
@@ -273,7 +275,7 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
   const int64_t grain = std::max<int64_t>(1, (int64_t)65536 / std::max<int64_t>(1, work * d));
   at::parallel_for(0, B * H, grain, [&](int64_t lo, int64_t hi) {
     std::vector<float> p;
-    std::vector<__m512> qv(nv), acc(nv);
+    __m512 qv[kMaxHeadDim / 16], acc[kMaxHeadDim / 16];  // fixed arrays: vectors of __m512 drop its attributes
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / H, h = bh % H, g = h / R, n = std::min(pos[b] + 1, Lmax);
       const T* kb = kp + (b * G + g) * Lmax * d;
@@ -311,8 +313,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && pos.is_contiguous(),
               "decode_attention: tensors must be contiguous");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "decode_attention: one dtype");
-  TORCH_CHECK(q.size(2) % 16 == 0 && q.size(2) == k.size(3) && q.size(1) % k.size(1) == 0 && q.size(0) == k.size(0),
-              "decode_attention: head dim must be a multiple of 16 and heads a multiple of kv heads");
+  TORCH_CHECK(q.size(2) % 16 == 0 && q.size(2) <= kMaxHeadDim && q.size(2) == k.size(3) && q.size(1) % k.size(1) == 0 && q.size(0) == k.size(0),
+              "decode_attention: head dim must be a multiple of 16 (at most 512) and heads a multiple of kv heads");
   TORCH_CHECK(pos.scalar_type() == torch::kInt64 && pos.numel() == q.size(0), "decode_attention: pos must be int64 [B]");
   auto out = torch::empty(q.sizes(), q.options().dtype(torch::kFloat32));
   if (q.scalar_type() == torch::kBFloat16) decode_attention_impl<bf16>(q, k, v, pos.data_ptr<int64_t>(), scale, out);

@@ -94,8 +94,9 @@ KEY_WINDOW = 128
 
 def _kernel_attention(q_BH1d: torch.Tensor, k_BGLd: torch.Tensor, v_BGLd: torch.Tensor) -> bool:
     """Whether the compiled decode-attention kernel can take this call (CPU, no autograd, one dtype,
-    head dim a multiple of 16)."""
+    head dim a multiple of 16, at most 512)."""
     return (q_BH1d.device.type == "cpu" and not torch.is_grad_enabled() and q_BH1d.shape[-1] % 16 == 0
+            and q_BH1d.shape[-1] <= 512
             and k_BGLd.dtype == q_BH1d.dtype and k_BGLd.is_contiguous() and v_BGLd.is_contiguous()
             and kernels.usable(q_BH1d, k_BGLd, v_BGLd))
 
