@@ -30,8 +30,10 @@ def test_reference_workload_bytes_match_the_issue():
 
 
 def test_machine_measurement_is_plausible():
-    bw = roofline.measure_read_bandwidth(mib=64, reps=2)
-    peak = roofline.measure_matmul_peak(torch.float32, n=256, reps=2)
+    from moekit.plan import measure
+
+    bw = measure.read_bandwidth_gbs(mib=64, reps=2)
+    peak = measure.matmul_peak_gflops(torch.float32, n=256, reps=2)
     assert 0.1 < bw < 2000 and 0.1 < peak < 1e6
 
 

@@ -82,8 +82,8 @@ def _prepare(model: str, dtype: torch.dtype, seed: int, engines: list[str], tmp:
     return paths, skipped, cfg
 
 
-def _run_worker(con, eng: str, spec: Path, res: Path, shapes: int, timeout: int):
-    """Run one engine's worker, showing each finished shape; None when it timed out."""
+def _run_worker(con, eng: str, spec: Path, res: Path, timeout: int):
+    """Run one engine's worker on one shape, printing its result; None when it timed out."""
     # stderr to a file, not a pipe: llama.cpp logs a lot there and a full pipe would block it.
     err_path = res.with_suffix(".stderr")
     with open(err_path, "w") as err:
@@ -93,18 +93,15 @@ def _run_worker(con, eng: str, spec: Path, res: Path, shapes: int, timeout: int)
 
     watchdog = threading.Timer(timeout, proc.kill)  # a hung engine cannot block the run
     watchdog.start()
-    done = 0
     try:
-        with con.status(f"{eng}: loading") as st:
+        with con.status(f"{eng}: loading and running"):
             for line in proc.stdout:  # one JSON line per finished shape
                 try:
                     r = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                done += 1
                 con.print(f"  {eng} batch {r['batch']} prompt {r['prompt']}: prefill {r['prefill_tok_s']:,.0f} "
                           f"tok/s, decode {r['decode_tok_s']:,.1f} tok/s")
-                st.update(f"{eng}: {done}/{shapes} shapes")
             proc.wait()
             proc.stderr_text = err_path.read_text(errors="replace")
     finally:
@@ -231,7 +228,7 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
                 res_path = tmp / f"{eng}.json"
                 res_path.unlink(missing_ok=True)
                 t0 = time.perf_counter()
-                proc = _run_worker(con, eng, tmp / "spec.json", res_path, 1, timeout)
+                proc = _run_worker(con, eng, tmp / "spec.json", res_path, timeout)
                 st["wall_s"] += time.perf_counter() - t0
                 if proc is None or proc.returncode != 0 or not res_path.exists():
                     why = "timed out" if proc is None else f"exit {proc.returncode}: " + \

@@ -36,19 +36,9 @@ class Machine:
         return asdict(self)
 
 
-def measure_read_bandwidth(mib: int = 1024, reps: int = 5) -> float:
-    """GB/s for summing a float32 buffer of `mib` MiB (much larger than any cache)."""
-    return measure.read_bandwidth_gbs(mib, reps)
-
-
-def measure_matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of an n x n x n GEMM in `dtype`."""
-    return measure.matmul_peak_gflops(dtype, n, reps)
-
-
 def measure_machine(dtype: torch.dtype, quick: bool = False) -> Machine:
-    bw = measure_read_bandwidth(256 if quick else 1024, 3 if quick else 5)
-    peak = measure_matmul_peak(dtype, 1024 if quick else 2048, 3 if quick else 5)
+    bw = measure.read_bandwidth_gbs(256 if quick else 1024, 3 if quick else 5)
+    peak = measure.matmul_peak_gflops(dtype, 1024 if quick else 2048, 3 if quick else 5)
     return Machine(round(bw, 2), round(peak, 1), str(dtype).removeprefix("torch."), torch.get_num_threads(),
                    "cpu")
 

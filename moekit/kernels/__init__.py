@@ -44,6 +44,17 @@ def max_rows(dtype: torch.dtype) -> int:
     return 16 if dtype is torch.bfloat16 else 32
 
 
+def fused_ok(x_TD: torch.Tensor, act: str, module: torch.nn.Module, *weights: torch.Tensor) -> bool:
+    """Whether a whole FFN block on these T rows may be one fused-kernel call: few enough rows
+    that no expert exceeds `max_rows`, a kernel activation, no autograd graph through `module`'s
+    parameters, and kernel-compatible tensors. Shared by the MoE layer and the dense FFN."""
+    if not 0 < x_TD.shape[0] <= max_rows(x_TD.dtype) or act not in ACTS:
+        return False
+    if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+        return False
+    return usable(x_TD, *weights)
+
+
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
@@ -134,7 +145,7 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
             return False
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return False
-    return _module is not None and enabled() or available()
+    return available()
 
 
 _UNTRACED = contextlib.nullcontext()

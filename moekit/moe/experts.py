@@ -198,12 +198,11 @@ class DenseFFN(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T = x.numel() // x.shape[-1] if x.numel() else 0
-        if 0 < T <= kernels.max_rows(x.dtype) and self.act in kernels.ACTS and _inference(x, self) \
-                and kernels.usable(x, self.w13.weight, self.w2.weight):
+        x_TD = x.reshape(-1, x.shape[-1])
+        if kernels.fused_ok(x_TD, self.act, self, self.w13.weight, self.w2.weight):
             # Decode-sized CPU inference: the whole FFN as one expert of the fused kernel (weights
             # streamed once at GEMV bandwidth; oneDNN's bf16 GEMV reads at about half of it).
-            x_TD = x.reshape(T, x.shape[-1])
+            T = x_TD.shape[0]
             one = torch.ones(T, 1)
             y_TD = kernels.moe_experts_topk(x_TD, torch.zeros(T, 1, dtype=torch.int64), one,
                                             self.w13.weight.unsqueeze(0), self.w2.weight.unsqueeze(0), self.act)

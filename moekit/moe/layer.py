@@ -96,10 +96,9 @@ class MoELayer(nn.Module):
     def _fused_topk(self, x_TD: torch.Tensor) -> bool:
         """Whether the one-call kernel path applies: CPU inference, dropless, weights on the output,
         and so few tokens that no expert can get more rows than the kernel's threshold."""
-        cfg, ex = self.cfg, self.experts
-        return (x_TD.shape[0] <= kernels.max_rows(x_TD.dtype) and cfg.capacity_factor is None
-                and not cfg.weight_on_input and ex.act in kernels.ACTS and _inference(x_TD, ex)
-                and kernels.usable(x_TD, ex.w13, ex.w2))
+        ex = self.experts
+        return (self.cfg.capacity_factor is None and not self.cfg.weight_on_input
+                and kernels.fused_ok(x_TD, ex.act, ex, ex.w13, ex.w2))
 
     def _routing(self, r, batch: int, dropped: torch.Tensor, return_ids: bool) -> Routing:
         cfg = self.cfg
