@@ -191,6 +191,9 @@ def run_point(shape, dtype, T, ours, theirs, hcfg, bw, peak, min_time) -> dict:
     }
 
 
+ROWS = None
+
+
 def sweep_rows(dtypes: list[str], gib: float, min_time: float) -> list[dict]:
     """Kernel vs F.linear per rows-per-expert M (every expert gets M rows): where the
     thresholds in moekit.kernels.max_rows come from."""
@@ -212,7 +215,7 @@ def sweep_rows(dtypes: list[str], gib: float, min_time: float) -> list[dict]:
                     return m(x, torch.full((E,), x.shape[0] // E))
                 return call
 
-            for M in (1, 2, 4, 8, 16, 32, 64, 128):
+            for M in (ROWS or (1, 2, 4, 8, 16, 32, 64, 128)):
                 x = torch.randn(E * M, D).to(dtype)
                 t = time_interleaved({"kernel": [with_limit(1 << 30, m) for m in mods],
                                       "F.linear": [with_limit(0, m) for m in mods]}, x, min_time)
@@ -292,18 +295,23 @@ def write_markdown(res: dict, path: Path) -> None:
         "## How moekit runs the block on CPU (inference)", "",
         "1. Router in float32, stable sort of the T*K assignments by expert, one gather of the rows.",
         "2. Experts with at most `moekit.kernels.max_rows(dtype)` rows go to one call of the compiled kernel "
-        "(`moekit/kernels/moe_cpu.cpp`: AVX512-BF16 `vdpbf16ps` / AVX-512 FMA, one weight row at a time with "
-        "software prefetch 4 KiB ahead, each row used by up to 8 token rows while it is in registers, gate+up+"
-        "activation fused, each OpenMP thread streams a contiguous slice of every expert's weights, weighted "
-        "scatter into a float32 [T, D] accumulator with no atomics). At decode sizes (T <= that threshold) the "
-        "grouping itself happens inside the kernel (`moe_experts_topk`), so the layer costs the router plus one call.",
+        "(`moekit/kernels/moe_cpu.cpp`: AVX512-BF16 `vdpbf16ps` / AVX-512 FMA, gate+up+activation fused, each "
+        "OpenMP thread streams a contiguous slice of every expert's weights once, weighted scatter into a float32 "
+        "[T, D] accumulator with no atomics). An expert with up to 8 rows streams one weight row at a time with "
+        "software prefetch 4 KiB ahead and reuses it for all its rows (a GEMV: bandwidth-bound); one with more "
+        "rows runs register tiles of 4 weight rows x 4 token rows with a vectorised SiLU (compute-bound). At "
+        "decode sizes (T <= that threshold) the grouping itself happens inside the kernel (`moe_experts_topk`), "
+        "so the layer costs the router plus one call.",
         "3. The remaining experts run as two F.linear calls each (oneDNN bf16 / MKL fp32) and are added to the same "
         "accumulator with index_select + addcmul_ + index_copy_ while their output is in cache.",
         "4. Training (autograd on) keeps the plain per-expert loop + dispatcher combine; CUDA bf16 uses "
         "torch._grouped_mm. `MOEKIT_KERNELS=0` switches the kernel off; `MOEKIT_KERNEL_MAX_ROWS=N` moves the "
         "threshold.", "",
         "Timings on a shared machine are noisy: calls of all implementations are interleaved round-robin so "
-        "load hits them alike; compare ratios within one run, and rerun on a quiet machine for absolute numbers.",
+        "load hits them alike; compare ratios within one run, and rerun on a quiet machine for absolute numbers. "
+        "The process keeps freed memory (`moekit.utils.retain_freed_memory`, as moekit's engine and trainer set "
+        "it) for every implementation alike" + ("" if res.get("retain", True) else " (not in this run: --no-retain)")
+        + ": without it each fresh multi-MB buffer pays a page fault per 4 KiB, in HF's blocks as in moekit's.",
         "",
     ]
     for name, table in res.get("profiles", {}).items():
@@ -355,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-time", type=float, default=0.4, help="seconds of timed calls per point and impl")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--no-retain", action="store_true",
+                    help="glibc's default allocator behaviour (freed memory unmapped) for every implementation")
     ap.add_argument("--sweep-rows", action="store_true",
                     help="also time the kernel vs F.linear at 1-128 rows per expert (thresholds)")
     ap.add_argument("--from-json", type=Path, default=None,
@@ -376,7 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     torch.set_grad_enabled(False)
-    res = {"machine": machine(), "quick": args.quick, "gib": args.gib}
+    from moekit.utils import retain_freed_memory
+
+    # Process-wide, so HF's blocks get it exactly as moekit's layer does.
+    retained = not args.no_retain and retain_freed_memory()
+    res = {"machine": machine(), "quick": args.quick, "gib": args.gib, "retain": retained}
     print("machine:", res["machine"], flush=True)
     bw = measure_bandwidth()
     peaks = {dt: measure_peak(DTYPES[dt]) for dt in dtypes}

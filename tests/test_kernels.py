@@ -53,7 +53,7 @@ def _ref_experts(x_SD, w13, w2, counts, act, src=None, dst=None, scale=None, n_o
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 45, 77), (3, 13, 31), (4, 64, 1024), (7, 33, 100), (16, 9, 4097)])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 45, 77), (3, 13, 31), (4, 64, 1024), (7, 33, 100), (16, 9, 4097), (13, 7, 1000), (37, 66, 515)])
 def test_linear_matches_f_linear(dtype, M, N, K):
     torch.manual_seed(M * N + K)
     x, w = torch.randn(M, K).to(dtype), torch.randn(N, K).to(dtype)
@@ -66,11 +66,12 @@ def test_linear_matches_f_linear(dtype, M, N, K):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act", ["swiglu", "geglu", "gelu"])
 @pytest.mark.parametrize("E,D,F_", [(1, 8, 4), (3, 37, 19), (5, 64, 33), (4, 130, 7)])
-def test_moe_experts_matches_loop(dtype, act, E, D, F_):
+@pytest.mark.parametrize("rows", [(0, 7), (9, 40)])  # per-row GEMV path (<= 8 rows) and the tile path
+def test_moe_experts_matches_loop(dtype, act, E, D, F_, rows):
     torch.manual_seed(E * 100 + D + F_)
     H = F_ if act == "gelu" else 2 * F_
     w13, w2 = (torch.randn(E, H, D) * 0.2).to(dtype), (torch.randn(E, D, F_) * 0.2).to(dtype)
-    counts = torch.randint(0, 7, (E,))
+    counts = torch.randint(*rows, (E,))
     counts[0] = 0  # an expert with no rows must be skipped
     S = int(counts.sum())
     x = torch.randn(S, D).to(dtype)
@@ -88,7 +89,7 @@ def test_moe_experts_gather_scatter_scale():
     E, D, F_, T = 4, 48, 20, 6
     w13, w2 = torch.randn(E, 2 * F_, D) * 0.2, torch.randn(E, D, F_) * 0.2
     x = torch.randn(T, D)
-    counts = torch.tensor([3, 0, 4, 2])
+    counts = torch.tensor([3, 0, 14, 2])  # expert 2 takes the tile path (> 8 rows)
     S = int(counts.sum())
     src, dst, scale = torch.randint(0, T, (S,)), torch.randint(0, T, (S,)), torch.rand(S)
     got = kernels.moe_experts(x, w13, w2, counts, "swiglu", src_S=src, dst_S=dst, scale_S=scale, n_out=T)

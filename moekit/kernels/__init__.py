@@ -28,20 +28,36 @@ ACTS = {"swiglu": 0, "geglu": 1, "gelu": 2}
 
 
 def max_rows(dtype: torch.dtype) -> int:
-    """Row threshold for the kernel at this dtype on this CPU.
+    """Rows per expert up to which the compiled kernel runs an expert FFN (MoE experts, and the
+    dense FFN as one expert) on this CPU; above it, F.linear (oneDNN bf16 / MKL fp32).
 
     Measured on AMD Zen 5 (AVX512-BF16, no AMX, 2 threads) with `python benchmarks/moe_layer.py
-    --sweep-rows` (every expert of the block gets M rows, weights streamed): in bf16 the kernel
-    beats oneDNN's F.linear up to 16 rows per expert (Mixtral-style 6.9 vs 7.1 ms, 64-expert block
-    4.9 vs 8.0 ms) and loses from 32 (18 vs 10 ms); in fp32 it wins up to 32 (37 vs 47 ms, 25 vs
-    28 ms) and loses at 64 on the 64-expert block. Hence 16 rows in bf16 and 32 in fp32 (the
-    kernel streams each weight row once and reuses it for up to 8 rows per pass: it is a GEMV, not
-    a blocked GEMM). Re-measure on other CPUs; override with MOEKIT_KERNEL_MAX_ROWS.
+    --sweep-rows` (every expert of the block gets M rows, weights streamed, interleaved calls). Up
+    to 8 rows the kernel streams each weight row once and reuses it for every row (a GEMV); above
+    8 it runs register tiles of 4 weight rows x 4 token rows (compute-bound). bf16: the kernel
+    wins up to 64 rows (Mixtral-style 15.2 vs 18.3 ms, 64-expert block 18.1 vs 19.0 ms) and ties
+    or loses from 128. fp32: it wins at every size measured, up to 512 rows (311 vs 366 ms),
+    because MKL's sgemm takes a non-AVX-512 path on AMD CPUs. Hence 64 and 512. Re-measure on
+    other CPUs; override with MOEKIT_KERNEL_MAX_ROWS.
     """
     env = os.environ.get("MOEKIT_KERNEL_MAX_ROWS")
     if env:
         return int(env)
-    return 16 if dtype is torch.bfloat16 else 32
+    return 64 if dtype is torch.bfloat16 else 512
+
+
+def max_linear_rows(dtype: torch.dtype) -> int:
+    """Rows up to which `linear` (attention projections, LM head) beats F.linear on this CPU.
+
+    Measured (interleaved, weights streamed, K=1024, N=1536 and 32000): bf16 wins at 8 rows
+    (1.72 vs 2.82 ms on the 32000-row head), ties at 16-32 and loses from 64 (oneDNN's GEMM
+    without an expert's Python ops around it); fp32 wins at every size up to 128 rows (26 vs
+    55 ms), MKL on AMD again. MOEKIT_KERNEL_MAX_ROWS overrides this too.
+    """
+    env = os.environ.get("MOEKIT_KERNEL_MAX_ROWS")
+    if env:
+        return int(env)
+    return 16 if dtype is torch.bfloat16 else 128
 
 
 def fused_ok(x_TD: torch.Tensor, act: str, module: torch.nn.Module, *weights: torch.Tensor) -> bool:
