@@ -316,3 +316,16 @@ def test_property_inference_equals_loop(E, k, T, D, F_, seed):
         r = layer.router(x)
         y_ref = loop_reference(x, r.topk_ids_TK, r.topk_weights_TK, layer.experts)
     torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("S,F_", [(1, 1), (3, 17), (64, 2816)])
+def test_silu_mul_matches_torch(dtype, S, F_):
+    torch.manual_seed(S + F_)
+    h = (torch.randn(S, 2 * F_) * 4).to(dtype)
+    h[0, 0] = -100.0  # exp clamp: silu(-100) ~ 0, not NaN
+    got = kernels.silu_mul(h)
+    g, u = h.double().chunk(2, dim=-1)
+    want = (torch.nn.functional.silu(g) * u).to(dtype)
+    torch.testing.assert_close(got, want, **({"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}))

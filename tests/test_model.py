@@ -225,3 +225,37 @@ def test_training_step_reduces_loss_and_bias_update():
         losses.append(out.loss.item())
     assert losses[-1] < losses[0] - 0.5
     assert any(layer.router.score_bias.abs().sum() > 0 for layer in model.moe_layers())
+
+
+@pytest.mark.parametrize("H,G", [(4, 4), (8, 2)])
+def test_training_attention_math_path_equals_sdpa(H, G):
+    """The CPU training attention (two matmuls + float32 softmax) equals SDPA's causal attention,
+    outputs and input gradients, fp32, with and without GQA."""
+    from moekit.model.attention import causal_attention_math
+
+    torch.manual_seed(H + G)
+    B, S, d = 2, 19, 16
+    q, k, v = (torch.randn(B, n, S, d, requires_grad=True) for n in (H, G, G))
+    go = torch.randn(B, H, S, d)
+    got = causal_attention_math(q, k, v, d ** -0.5)
+    got.backward(go)
+    g_got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=d ** -0.5,
+                                                            enable_gqa=G != H)
+    want.backward(go)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g_got, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(a, b)
+
+
+def test_training_forward_equals_inference_forward():
+    """Grad-enabled forward (math attention on CPU) gives the logits of the no-grad forward (SDPA)."""
+    cfg = moekit.get_preset("tiny-moe")
+    model = moekit.build_model(cfg, seed=0).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    train_logits = model(ids).logits
+    with torch.no_grad():
+        infer_logits = model(ids).logits
+    torch.testing.assert_close(train_logits.detach(), infer_logits, rtol=1e-5, atol=1e-5)

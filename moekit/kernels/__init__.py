@@ -136,7 +136,7 @@ def load():
             omp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
             _module = load_inline(
                 "moekit_cpu_kernels", cpp_sources=[src],
-                functions=["moe_experts", "moe_experts_topk", "linear_small", "decode_attention"],
+                functions=["moe_experts", "moe_experts_topk", "linear_small", "decode_attention", "silu_mul"],
                 extra_cflags=["-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mavx512bf16", *omp],
                 verbose=False,
             )
@@ -233,6 +233,17 @@ def linear(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     with _traced("moekit::linear_small"):
         out = mod.linear_small(x_MK.reshape(-1, x_MK.shape[-1]).contiguous(), w_NK.contiguous())
     return out.view(*lead, w_NK.shape[0])
+
+
+def silu_mul(h_SH: torch.Tensor) -> torch.Tensor:
+    """silu(h[..., :F]) * h[..., F:] for the fused gate/up output [..., 2F], in h's dtype (one pass)."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError("moekit CPU kernels are not available; check available() first")
+    lead = h_SH.shape[:-1]
+    with _traced("moekit::silu_mul"):
+        out = mod.silu_mul(h_SH.reshape(-1, h_SH.shape[-1]).contiguous())
+    return out.view(*lead, h_SH.shape[-1] // 2)
 
 
 def decode_attention(q_BHd: torch.Tensor, k_BGLd: torch.Tensor, v_BGLd: torch.Tensor, pos_B: torch.Tensor,

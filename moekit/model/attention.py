@@ -88,6 +88,30 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     return F.linear(x, w, b)
 
 
+MATH_ATTENTION_MAX_ELEMS = 1 << 25
+"""Causal training attention on CPU takes the two-matmul path below while its float32 scores
+[B, H, S, S] hold at most this many elements (128 MiB); longer sequences use SDPA's flash kernel."""
+
+
+def causal_attention_math(q_BHSd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """Causal self-attention as two batched matmuls around a float32 softmax (GQA by broadcasting).
+
+    Why: on CPU, SDPA's flash kernel runs its blocks at a few percent of the matmul peak; at
+    training lengths (a small-moe step: B16 x H4 x S256, d 64, bf16 autocast) this path is 1.6x
+    faster forward + backward (15.5 vs 25 ms per layer on 2 Zen 5 cores), for S^2 floats of scores
+    per head. The softmax runs in float32 whatever the input dtype, as SDPA's does.
+    """
+    B, H, S, d = q_BHSd.shape
+    G = k_BGSd.shape[1]
+    q5 = q_BHSd.view(B, G, H // G, S, d)
+    s_BGrSS = torch.matmul(q5, k_BGSd.unsqueeze(2).transpose(-1, -2))
+    future_SS = torch.ones(S, S, dtype=torch.bool, device=q_BHSd.device).triu_(1)
+    s_BGrSS = s_BGrSS.masked_fill(future_SS, float("-inf"))
+    p_BGrSS = torch.softmax(s_BGrSS.float().mul_(scale), dim=-1).to(v_BGSd.dtype)
+    return torch.matmul(p_BGrSS, v_BGSd.unsqueeze(2)).view(B, H, S, d)
+
+
 KEY_WINDOW = 128
 """Granularity of the bf16 decode key window on the PyTorch path (see Attention.forward)."""
 
@@ -172,6 +196,9 @@ class Attention(nn.Module):
         if cache is None and mask_B1SL is not None:
             o = F.scaled_dot_product_attention(q_BHSd, k_BGSd, v_BGSd, attn_mask=mask_B1SL, scale=self.scale,
                                                enable_gqa=self.n_kv != self.n_heads)
+        elif cache is None and (S > 1 and q_BHSd.device.type == "cpu" and torch.is_grad_enabled()
+                                and B * self.n_heads * S * S <= MATH_ATTENTION_MAX_ELEMS):
+            o = causal_attention_math(q_BHSd, k_BGSd, v_BGSd, self.scale)  # training on CPU
         elif cache is None:
             o = F.scaled_dot_product_attention(q_BHSd, k_BGSd, v_BGSd, is_causal=S > 1, scale=self.scale,
                                                enable_gqa=self.n_kv != self.n_heads)

@@ -5,7 +5,9 @@ Shape legend: N, K weight rows and columns of a GEMV; n the side of a square GEM
 
 - read bandwidth: best of several `sum`s over a float32 buffer far larger than any cache (what a
   decode step does to its weights: stream them once);
-- matmul peak: best of several large GEMMs in a dtype (oneDNN bf16 / MKL fp32 on CPU);
+- matmul peak: best of several large GEMMs in a dtype (oneDNN bf16 / MKL fp32 on CPU) and of
+  moekit's compiled tile kernel on an in-cache problem (MKL's sgemm runs a non-AVX-512 path on
+  AMD CPUs, so in fp32 the kernel is the faster matmul there and the bound must count it);
 - GEMV bandwidth: bytes per second a decode-shaped (one row) bf16 matmul reads through the path
   moekit's decode really takes: the compiled kernel when it is available, else F.linear.
 """
@@ -36,9 +38,20 @@ def read_bandwidth_gbs(mib: int = 1024, reps: int = 5) -> float:
 
 
 def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of an n x n x n GEMM in `dtype`."""
+    """GFLOP/s of the faster of an n x n x n GEMM in `dtype` and `kernel_peak_gflops`."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    return 2 * n**3 / best_time(lambda: torch.mm(a, b), reps) / 1e9
+    return max(2 * n**3 / best_time(lambda: torch.mm(a, b), reps) / 1e9, kernel_peak_gflops(dtype, reps))
+
+
+def kernel_peak_gflops(dtype: torch.dtype, reps: int = 5) -> float:
+    """GFLOP/s of moekit's compiled linear kernel (register tiles) on a 256 x 256 x 1024 problem
+    that stays in cache, 8 calls per timing; 0 where the kernel is unavailable."""
+    from moekit import kernels
+
+    x, w = torch.randn(256, 1024).to(dtype), torch.randn(256, 1024).to(dtype)
+    if not kernels.usable(x, w):
+        return 0.0
+    return 8 * 2 * 256 * 256 * 1024 / best_time(lambda: [kernels.linear(x, w) for _ in range(8)], reps) / 1e9
 
 
 def gemv_bandwidth_gbs(mib: int = 1024, reps: int = 3, k: int = 4096) -> tuple[float, str]:
