@@ -136,7 +136,7 @@ def load():
             omp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
             _module = load_inline(
                 "moekit_cpu_kernels", cpp_sources=[src],
-                functions=["moe_experts", "moe_experts_topk", "linear_small", "decode_attention", "silu_mul"],
+                functions=["moe_experts", "moe_experts_topk", "linear_small", "decode_attention", "silu_mul", "combine_rows"],
                 extra_cflags=["-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mavx512bf16", *omp],
                 verbose=False,
             )
@@ -244,6 +244,18 @@ def silu_mul(h_SH: torch.Tensor) -> torch.Tensor:
     with _traced("moekit::silu_mul"):
         out = mod.silu_mul(h_SH.reshape(-1, h_SH.shape[-1]).contiguous())
     return out.view(*lead, h_SH.shape[-1] // 2)
+
+
+def combine_rows(y_SD: torch.Tensor, inv_A: torch.Tensor, scale_S: torch.Tensor, out_TD: torch.Tensor,
+                 top_k: int) -> torch.Tensor:
+    """out_TD[t] += sum over k of scale_S[s] * y_SD[s], s = inv_A[t * top_k + k] (s < 0: skipped), in
+    place on the float32 out_TD: expert outputs weighted back into token order in one pass."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError("moekit CPU kernels are not available; check available() first")
+    with _traced("moekit::combine_rows"):
+        mod.combine_rows(y_SD.contiguous(), inv_A.contiguous(), scale_S.float().contiguous(), out_TD, top_k)
+    return out_TD
 
 
 def decode_attention(q_BHd: torch.Tensor, k_BGLd: torch.Tensor, v_BGLd: torch.Tensor, pos_B: torch.Tensor,

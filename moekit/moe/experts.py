@@ -100,7 +100,9 @@ class GroupedExperts(nn.Module):
         if any(small):
             self._kernel(x_SD, counts, small, token_S, weights_S, out_TD)
         if any(n and not m for n, m in zip(counts, small)):
-            if BATCHED_COMBINE:
+            if kernels.usable(x_SD, self.w13, self.w2):
+                self._big_fused(x_SD, counts, small, rows_S, weights_S, T, K, out_TD)
+            elif BATCHED_COMBINE:
                 self._big_batched(x_SD, counts, small, rows_S, weights_S, T, K, out_TD)
             else:
                 self._big_per_expert(x_SD, counts, small, token_S, weights_S, out_TD)
@@ -119,6 +121,26 @@ class GroupedExperts(nn.Module):
                 acc_ND = out_TD.index_select(0, tok_N).addcmul_(y_ND, weights_S[start:start + n].unsqueeze(-1))
                 out_TD.index_copy_(0, tok_N, acc_ND)
             start += n
+
+    def _big_fused(self, x_SD, counts, small, rows_S, weights_S, T, K, out_TD) -> None:
+        # Plan: 1. each big expert's GEMM pair (oneDNN), its output written straight into its rows
+        # of one [S, D] buffer while the hidden block is in cache; 2. one compiled pass adds every
+        # token's weighted rows into the float32 accumulator. This replaces 3 ops per expert over
+        # float32 rows (index_select, addcmul_, index_copy_): ~7 ms of a 100 ms Mixtral-style block
+        # at 2048 tokens.
+        S, D = x_SD.shape[0], self.dim
+        y_SD = x_SD.new_empty(S, D)
+        big_E = [bool(n) and not m for n, m in zip(counts, small)]
+        start = 0
+        for e, n in enumerate(counts):
+            if big_E[e]:
+                a_NF = activate(F.linear(x_SD[start:start + n], self.w13[e]), self.act)
+                torch.mm(a_NF, self.w2[e].t(), out=y_SD[start:start + n])
+            start += n
+        big_S = torch.repeat_interleave(torch.tensor(big_E), torch.tensor(counts), output_size=S)
+        inv_A = torch.full((T * K,), -1, dtype=torch.int64)
+        inv_A[rows_S[big_S]] = torch.arange(S)[big_S]
+        kernels.combine_rows(y_SD, inv_A, weights_S, out_TD, K)
 
     def _big_batched(self, x_SD, counts, small, rows_S, weights_S, T, K, out_TD) -> None:
         # Plan (few ops, whatever E: 2 GEMMs per expert written in place, everything else once):
