@@ -303,8 +303,9 @@ def write_markdown(res: dict, path: Path) -> None:
         "rows runs register tiles of 4 weight rows x 4 token rows with a vectorised SiLU (compute-bound). At "
         "decode sizes (T <= that threshold) the grouping itself happens inside the kernel (`moe_experts_topk`), "
         "so the layer costs the router plus one call.",
-        "3. The remaining experts run as two F.linear calls each (oneDNN bf16 / MKL fp32) and are added to the same "
-        "accumulator with index_select + addcmul_ + index_copy_ while their output is in cache.",
+        "3. The remaining experts run as two GEMMs each (oneDNN bf16 / MKL fp32), the fused SiLU x up between them "
+        "(`kernels.silu_mul`), each writing its rows of one [S, D] buffer; one compiled pass (`kernels.combine_rows`) "
+        "then adds every token's weighted rows into the same float32 accumulator.",
         "4. Training (autograd on) keeps the plain per-expert loop + dispatcher combine; CUDA bf16 uses "
         "torch._grouped_mm. `MOEKIT_KERNELS=0` switches the kernel off; `MOEKIT_KERNEL_MAX_ROWS=N` moves the "
         "threshold.", "",
