@@ -330,3 +330,21 @@ def test_silu_mul_matches_torch(dtype, S, F_):
     g, u = h.double().chunk(2, dim=-1)
     want = (torch.nn.functional.silu(g) * u).to(dtype)
     torch.testing.assert_close(got, want, **({"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}))
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("mode", ["kernel", "split", "off"])
+def test_inference_under_autocast_matches_eager_autocast(monkeypatch, batched, mode):
+    """Eval inside the trainer runs no-grad under bf16 autocast with float32 weights: every
+    inference path (buffers written with out=) must follow autocast's dtype and agree with the
+    dispatch -> combine path."""
+    _mode(monkeypatch, mode)
+    monkeypatch.setattr(experts_mod, "BATCHED_COMBINE", batched)
+    torch.manual_seed(3)
+    layer = MoELayer(32, CFGS["mixtral"])
+    x = torch.randn(2, 40, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            y_fast, _ = layer(x)
+        y_slow, _ = layer(x.clone().requires_grad_())
+    torch.testing.assert_close(y_fast.float(), y_slow.detach().float(), rtol=3e-2, atol=3e-2)

@@ -19,9 +19,9 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from moekit.utils import retain_freed_memory
 from moekit.errors import MoekitError
 from moekit.inference.sampling import SamplingParams, sample
+from moekit.utils import retain_freed_memory
 
 
 class ContextLengthError(MoekitError):

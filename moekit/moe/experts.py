@@ -35,6 +35,26 @@ False measured as fast or faster at every token count on a quiet 2-core Zen 5 (b
 top-8: T=512 25 ms vs 42 ms, T=2048 72 ms vs 144 ms; Mixtral-style T=2048 110 ms vs 142 ms)."""
 
 
+def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear / torch.mm produce for x here: autocast's (e.g. bf16 under the trainer's
+    eval) for float32 inputs while autocast is on, else x's own. Buffers written with `out=` must
+    have it."""
+    dev = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _linear_into(x_ND: torch.Tensor, w_MD: torch.Tensor, out_NM: torch.Tensor) -> None:
+    """out = F.linear(x, w), written in place (no temporary) when x, w and out share a dtype.
+    `torch.mm(out=)` is outside autocast's op list, so under autocast (float32 weights) the GEMM
+    runs through F.linear and is copied in."""
+    if x_ND.dtype == w_MD.dtype == out_NM.dtype and not torch.is_autocast_enabled(x_ND.device.type):
+        torch.mm(x_ND, w_MD.t(), out=out_NM)
+    else:
+        out_NM.copy_(F.linear(x_ND, w_MD))
+
+
 def _inference(x: torch.Tensor, mod: nn.Module, *more: torch.Tensor) -> bool:
     """True on CPU when no autograd graph is being built through x, `more` or mod's weights
     (the fused paths below have no backward)."""
@@ -129,13 +149,13 @@ class GroupedExperts(nn.Module):
         # float32 rows (index_select, addcmul_, index_copy_): ~7 ms of a 100 ms Mixtral-style block
         # at 2048 tokens.
         S, D = x_SD.shape[0], self.dim
-        y_SD = x_SD.new_empty(S, D)
+        y_SD = x_SD.new_empty(S, D, dtype=_gemm_dtype(x_SD))
         big_E = [bool(n) and not m for n, m in zip(counts, small)]
         start = 0
         for e, n in enumerate(counts):
             if big_E[e]:
                 a_NF = activate(F.linear(x_SD[start:start + n], self.w13[e]), self.act)
-                torch.mm(a_NF, self.w2[e].t(), out=y_SD[start:start + n])
+                _linear_into(a_NF, self.w2[e], y_SD[start:start + n])
             start += n
         big_S = torch.repeat_interleave(torch.tensor(big_E), torch.tensor(counts), output_size=S)
         inv_A = torch.full((T * K,), -1, dtype=torch.int64)
@@ -149,18 +169,19 @@ class GroupedExperts(nn.Module):
         #    experts stay zero); 4. weight, scatter rows to their t*K+k slot, sum over K in float32.
         S, D = x_SD.shape[0], self.dim
         any_small = any(small)
-        h_SH = x_SD.new_empty(S, self.w13.shape[1])
-        y_SD = x_SD.new_zeros(S, D) if any_small else x_SD.new_empty(S, D)
+        dt = _gemm_dtype(x_SD)
+        h_SH = x_SD.new_empty(S, self.w13.shape[1], dtype=dt)
+        y_SD = x_SD.new_zeros(S, D, dtype=dt) if any_small else x_SD.new_empty(S, D, dtype=dt)
         start = 0
         for e, n in enumerate(counts):
             if n and not small[e]:
-                torch.mm(x_SD[start:start + n], self.w13[e].t(), out=h_SH[start:start + n])
+                _linear_into(x_SD[start:start + n], self.w13[e], h_SH[start:start + n])
             start += n
         a_SF = activate(h_SH, self.act)
         start = 0
         for e, n in enumerate(counts):
             if n and not small[e]:
-                torch.mm(a_SF[start:start + n], self.w2[e].t(), out=y_SD[start:start + n])
+                _linear_into(a_SF[start:start + n], self.w2[e], y_SD[start:start + n])
             start += n
         contrib_SD = y_SD.float().mul_(weights_S.unsqueeze(-1))
         if S == T * K and not any_small:
