@@ -104,7 +104,7 @@ inline float gelu(float v) { return 0.5f * v * (1.0f + std::erf(v * 0.7071067811
 // the tile is compute-bound. Used when an expert has more rows than kMaxMB, where the weights are
 // read from DRAM once (the NR rows stay in L1 across the passes over MR-row blocks) and the
 // arithmetic, not the stream, sets the time. `pf` > 0 prefetches the line `pf` elements past each
-// row's current position (the same place in the next tile's rows), on the first pass only.
+// row's current position (the same place in a later tile's rows), on the first pass only.
 // out[i] = horizontal sum of v[i] for 16 vectors, as a transpose-and-add tree: 30 shuffles and 15
 // adds for all 16, where one _mm512_reduce_add_ps each costs ~9 shuffle/add instructions (with
 // K = 1024 that was ~1/3 of a 4 x 4 tile's time next to its 512 vdpbf16ps).
@@ -183,6 +183,9 @@ constexpr int kTileM = 4;  // activation rows per tile: 16 accumulators + 5 load
 // Measured against 3, 5 and 6 (interleaved, weights streamed): 4 was fastest on the Mixtral-style
 // block at 16-128 rows per expert (64 rows: 14.5 ms vs 15.4-17.4), 6 by ~7% on the 64-expert one.
 constexpr int kTileN = 4;  // weight rows per tile
+// Expert tiles prefetch their weight rows this many tiles ahead (first pass only): 2 measured 3-10%
+// faster than 1 at 12-24 rows per expert (Mixtral-style, weights streamed); 4 (to L2) no better.
+constexpr int kTilePrefetch = 2;
 
 template <typename T, int MR>
 inline void tile_dot_n(const T* const* w, int nr, const T* const* x, int64_t K, int64_t pf, float* acc) {
@@ -272,7 +275,7 @@ void tile_phase1(const T* xp, const T* we, int64_t n, int64_t start, const int64
         const int64_t s = start + m0 + m;
         xr[m] = xp + (src ? src[s] : s) * D;
       }
-      tile_dot_mn<T>(wr, nr, xr, mb, D, m0 == 0 ? JT * D : 0, acc);
+      tile_dot_mn<T>(wr, nr, xr, mb, D, m0 == 0 ? kTilePrefetch * JT * D : 0, acc);
       for (int m = 0; m < mb; ++m)
         for (int i = 0; i < jn; ++i) {
           g[(m0 + m) * W + (j - lo) + i] = acc[m * nr + i];
@@ -298,7 +301,7 @@ void tile_phase2(const T* ap, const T* we, int64_t n, int64_t start, const int64
     for (int64_t m0 = 0; m0 < n; m0 += kTileM) {
       const int mb = (int)std::min<int64_t>(kTileM, n - m0);
       for (int m = 0; m < mb; ++m) xr[m] = ap + (start + m0 + m) * F;
-      tile_dot_mn<T>(wr, nr, xr, mb, F, m0 == 0 ? kTileN * F : 0, acc);
+      tile_dot_mn<T>(wr, nr, xr, mb, F, m0 == 0 ? kTilePrefetch * kTileN * F : 0, acc);
       for (int m = 0; m < mb; ++m) {
         const int64_t s = start + m0 + m;
         float* o = op + (dst ? dst[s] : s) * D + d;
