@@ -15,7 +15,7 @@ transformers runs with each CPU experts backend it has ("eager" per-expert loop,
 fastest one per point is the baseline.
 
 Usage:
-  python benchmarks/moe_layer.py            # full run (~4-6 min on 2 cores)
+  python benchmarks/moe_layer.py            # full run (~2 min on 2 cores)
   python benchmarks/moe_layer.py --quick    # T 1, 64, 512; bf16 only
 Writes benchmarks/results/moe_layer.json, docs/moe_layer.md and docs/moe_layer.png.
 """

@@ -10,6 +10,8 @@
 // handful of Python-dispatched ops. Here one call runs every expert, each thread streams a
 // contiguous slice of every expert's weights once, one row at a time with software prefetch, and
 // all rows of an expert (up to 8 per pass) reuse each weight row while it is in registers/L1.
+// Experts with more rows run register tiles (4 weight rows x 4 token rows) instead: compute-bound
+// sizes. Also here: a fused SiLU x up and the weighted combine for experts left to oneDNN.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -98,16 +100,10 @@ inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 inline float gelu(float v) { return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f)); }
 
 // ------------------------------------------------------------------ tiles for experts with > kMaxMB rows
-// acc[m * NR + r] = dot(w[r][0:K], x[m][0:K]) for m < MR, r < NR. Each K-chunk loads NR weight
-// vectors and MR activation vectors for MR * NR dot-product steps, against MR + 1 loads for MR
-// steps in row_dot: row_dot is load-bound at ~35% of the bf16 peak once an expert has 16+ rows,
-// the tile is compute-bound. Used when an expert has more rows than kMaxMB, where the weights are
-// read from DRAM once (the NR rows stay in L1 across the passes over MR-row blocks) and the
-// arithmetic, not the stream, sets the time. `pf` > 0 prefetches the line `pf` elements past each
-// row's current position (the same place in a later tile's rows), on the first pass only.
 // out[i] = horizontal sum of v[i] for 16 vectors, as a transpose-and-add tree: 30 shuffles and 15
-// adds for all 16, where one _mm512_reduce_add_ps each costs ~9 shuffle/add instructions (with
-// K = 1024 that was ~1/3 of a 4 x 4 tile's time next to its 512 vdpbf16ps).
+// adds for all 16, where one _mm512_reduce_add_ps each costs ~9 shuffle/add instructions. Measured
+// (interleaved, weights streamed): level on the Mixtral-style block, 2-5% faster on the 64-expert
+// one at 16-64 rows per expert (K = 1024 or 256: more reductions per multiply-add).
 inline void reduce16(const __m512* v, float* out) {
   __m512 b[8], c[4], d[2];
   for (int i = 0; i < 8; ++i)  // 256-bit halves: b[i] = (v[i] lo+hi | v[i+8] lo+hi)
@@ -125,6 +121,14 @@ inline void reduce16(const __m512* v, float* out) {
     for (int q = 0; q < 4; ++q) out[off[j] + idx[q]] = t[4 * j + q];
 }
 
+// acc[m * NR + r] = dot(w[r][0:K], x[m][0:K]) for m < MR, r < NR. Each K-chunk loads NR weight
+// vectors and MR activation vectors for MR * NR dot-product steps, against MR + 1 loads for MR
+// steps in row_dot: row_dot is load-bound at ~35% of the bf16 peak once an expert has 16+ rows,
+// the tile is compute-bound. Used when an expert has more rows than kMaxMB: the weights are read
+// from DRAM once (the NR rows stay in L1 across the passes over MR-row blocks); from ~32 rows the
+// arithmetic sets the time, at ~16 rows the stream and the arithmetic overlap imperfectly (the
+// Mixtral-style block at 64 tokens, benchmarks/moe_layer.py). `pf` > 0 prefetches the line `pf` elements past each
+// row's current position (the same place in a later tile's rows), on the first pass only.
 template <typename T, int MR, int NR>
 inline void tile_dot(const T* const* w, const T* const* x, int64_t K, int64_t pf, float* acc) {
   __m512 a[MR][NR];
