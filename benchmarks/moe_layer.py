@@ -192,9 +192,6 @@ def run_point(shape, dtype, T, ours, theirs, hcfg, bw, peak, min_time) -> dict:
     }
 
 
-ROWS = None
-
-
 def sweep_rows(dtypes: list[str], gib: float, min_time: float) -> list[dict]:
     """Kernel vs F.linear per rows-per-expert M (every expert gets M rows): where the
     thresholds in moekit.kernels.max_rows come from."""
@@ -216,7 +213,7 @@ def sweep_rows(dtypes: list[str], gib: float, min_time: float) -> list[dict]:
                     return m(x, torch.full((E,), x.shape[0] // E))
                 return call
 
-            for M in (ROWS or (1, 2, 4, 8, 16, 32, 64, 128)):
+            for M in (1, 2, 4, 8, 16, 32, 64, 128):
                 x = torch.randn(E * M, D).to(dtype)
                 t = time_interleaved({"kernel": [with_limit(1 << 30, m) for m in mods],
                                       "F.linear": [with_limit(0, m) for m in mods]}, x, min_time)

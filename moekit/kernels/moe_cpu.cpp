@@ -291,29 +291,42 @@ void tile_phase1(const T* xp, const T* we, int64_t n, int64_t start, const int64
     activate_row<T>(g.data() + m * W, gated ? u.data() + m * W : nullptr, W, act, ap + (start + m) * F + lo);
 }
 
-// Phase 2 of one expert with n > kMaxMB rows over output columns [lo, hi): tiles of kTileN
-// down-projection rows by kTileM activation rows, added (scaled) into out.
-template <typename T>
-void tile_phase2(const T* ap, const T* we, int64_t n, int64_t start, const int64_t* dst, const float* scale,
-                 int64_t D, int64_t F, int64_t lo, int64_t hi, float* op) {
+// Weight rows [lo, hi) of a row-major block w (row stride K) against n activation rows
+// (xrow(m) points at row m): tiles of kTileN weight rows x kTileM activation rows, prefetching
+// `pf_tiles` tiles ahead on each tile's first pass; store(m0, mb, r0, nr, acc) takes each tile's
+// sums, acc[m * nr + i] = row m0 + m against weight row r0 + i.
+template <typename T, typename XRow, typename Store>
+inline void tile_rows(const T* w, int64_t K, int64_t lo, int64_t hi, int64_t n, int pf_tiles, XRow xrow,
+                      Store store) {
   const T* xr[kTileM];
   const T* wr[kTileN];
   float acc[kTileM * kTileN];
-  for (int64_t d = lo; d < hi; d += kTileN) {
-    const int nr = (int)std::min<int64_t>(kTileN, hi - d);
-    for (int i = 0; i < nr; ++i) wr[i] = we + (d + i) * F;
+  for (int64_t r0 = lo; r0 < hi; r0 += kTileN) {
+    const int nr = (int)std::min<int64_t>(kTileN, hi - r0);
+    for (int i = 0; i < nr; ++i) wr[i] = w + (r0 + i) * K;
     for (int64_t m0 = 0; m0 < n; m0 += kTileM) {
       const int mb = (int)std::min<int64_t>(kTileM, n - m0);
-      for (int m = 0; m < mb; ++m) xr[m] = ap + (start + m0 + m) * F;
-      tile_dot_mn<T>(wr, nr, xr, mb, F, m0 == 0 ? kTilePrefetch * kTileN * F : 0, acc);
-      for (int m = 0; m < mb; ++m) {
-        const int64_t s = start + m0 + m;
-        float* o = op + (dst ? dst[s] : s) * D + d;
-        const float sc = scale ? scale[s] : 1.0f;
-        for (int i = 0; i < nr; ++i) o[i] += sc * acc[m * nr + i];
-      }
+      for (int m = 0; m < mb; ++m) xr[m] = xrow(m0 + m);
+      tile_dot_mn<T>(wr, nr, xr, mb, K, m0 == 0 ? pf_tiles * kTileN * K : 0, acc);
+      store(m0, mb, r0, nr, acc);
     }
   }
+}
+
+// Phase 2 of one expert with n > kMaxMB rows over output columns [lo, hi): down-projection tiles
+// added (scaled) into out.
+template <typename T>
+void tile_phase2(const T* ap, const T* we, int64_t n, int64_t start, const int64_t* dst, const float* scale,
+                 int64_t D, int64_t F, int64_t lo, int64_t hi, float* op) {
+  tile_rows<T>(we, F, lo, hi, n, kTilePrefetch, [&](int64_t m) { return ap + (start + m) * F; },
+               [&](int64_t m0, int mb, int64_t d, int nr, const float* acc) {
+                 for (int m = 0; m < mb; ++m) {
+                   const int64_t s = start + m0 + m;
+                   float* o = op + (dst ? dst[s] : s) * D + d;
+                   const float sc = scale ? scale[s] : 1.0f;
+                   for (int i = 0; i < nr; ++i) o[i] += sc * acc[m * nr + i];
+                 }
+               });
 }
 
 template <typename T>
@@ -399,22 +412,13 @@ void linear_impl(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& 
   const T* xp = x.data_ptr<T>();
   const T* wp = w.data_ptr<T>();
   float* op = out.data_ptr<float>();
-  if (M > kMaxMB) {  // compute-bound sizes: kTileN weight rows x kTileM activation rows per tile
+  if (M > kMaxMB) {  // compute-bound sizes: register tiles
     at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
-      const T* xr[kTileM];
-      const T* wr[kTileN];
-      float acc[kTileM * kTileN];
-      for (int64_t n0 = lo; n0 < hi; n0 += kTileN) {
-        const int nr = (int)std::min<int64_t>(kTileN, hi - n0);
-        for (int i = 0; i < nr; ++i) wr[i] = wp + (n0 + i) * K;
-        for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
-          const int mb = (int)std::min<int64_t>(kTileM, M - m0);
-          for (int m = 0; m < mb; ++m) xr[m] = xp + (m0 + m) * K;
-          tile_dot_mn<T>(wr, nr, xr, mb, K, m0 == 0 ? kTileN * K : 0, acc);
-          for (int m = 0; m < mb; ++m)
-            for (int i = 0; i < nr; ++i) op[(m0 + m) * N + n0 + i] = acc[m * nr + i];
-        }
-      }
+      tile_rows<T>(wp, K, lo, hi, M, 1, [&](int64_t m) { return xp + m * K; },
+                   [&](int64_t m0, int mb, int64_t n0, int nr, const float* acc) {
+                     for (int m = 0; m < mb; ++m)
+                       for (int i = 0; i < nr; ++i) op[(m0 + m) * N + n0 + i] = acc[m * nr + i];
+                   });
     });
     return;
   }
