@@ -100,12 +100,13 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per implementation per round")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per implementation first")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step"))
     a = ap.parse_args()
     if a.quick:
-        a.rounds, a.steps = 2, 2
+        a.rounds, a.steps, a.warmup = 2, 2, 1
     torch.set_num_threads(a.threads)
     cfg = get_preset(a.preset)
     B, S = a.batch, a.seq
@@ -119,8 +120,9 @@ def main() -> int:
         runners.append(Runner(f"transformers Mixtral {tag}", hf_model(cfg), bf16, hf=True, retain=False))
         runners.append(Runner(f"transformers Mixtral {tag} + retained memory", hf_model(cfg), bf16, hf=True,
                               retain=True))
-    for r in runners:  # warmup (allocator, oneDNN primitive caches)
-        r.step(*data[0])
+    for r in runners:  # warmup (allocator caches, oneDNN primitive caches)
+        for _ in range(a.warmup):
+            r.step(*data[0])
     for rnd in range(a.rounds):
         for r in runners:
             for i in range(a.steps):

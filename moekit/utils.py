@@ -30,23 +30,36 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 
 
 def retain_freed_memory(on: bool = True) -> bool:
-    """Keep freed memory in the process instead of handing it back to the OS (glibc only).
+    """Keep freed memory in the process instead of handing it back to the OS.
 
     A training step allocates and frees the same large activations, logits and gradients every
-    step. glibc serves blocks above its mmap threshold (at most 32 MiB) with a fresh mmap and
-    unmaps them on free, so every step pays a page fault per 4 KiB of them again (measured on a
-    2-core VM: 168 ms to first-touch one 134 MB float32 logits copy, against ~5 ms to copy it).
-    With `on`, large blocks come from the heap and freed memory is kept for the next step
-    (`moekit train` does this; MOEKIT_RETAIN_MEMORY=0 opts out). `on=False` sets glibc's usual
-    steady state again (32 MiB mmap threshold). Returns False where it cannot apply (not glibc).
+    step; so does each prefill. glibc serves blocks above its mmap threshold (at most 32 MiB) with
+    a fresh mmap and unmaps them on free, so every step pays a page fault per 4 KiB of them again
+    (measured on a 2-core VM: 168 ms to first-touch one 134 MB float32 logits copy, against ~5 ms
+    to copy it). With `on`:
+
+    1. glibc serves large blocks from its heap and never trims it (mallopt);
+    2. where moekit's compiled CPU kernels are built, torch's CPU allocator becomes a caching one
+       (`moekit/kernels/alloc_cpu.cpp`): freed tensors of 1 MiB and more are kept by size class and
+       reused, 2 MiB aligned with transparent huge pages advised. The glibc heap alone still
+       fragments as per-expert buffer sizes change each step and keeps faulting fresh pages in
+       (4,000-37,000 faults per small-moe step, in bursts). At most MOEKIT_CPU_CACHE_LIMIT_MB
+       (default 4096) is held free; `moekit.kernels.cpu_cache_empty()` returns it.
+
+    `moekit train` and the inference engine call this; MOEKIT_RETAIN_MEMORY=0 opts out. `on=False`
+    sets glibc's usual steady state again and puts torch's previous allocator back. Returns
+    whether step 1 applied (False where it cannot: not glibc).
     """
     import ctypes
     import os
     import sys
 
-    if not sys.platform.startswith("linux"):
-        return False
     if on and os.environ.get("MOEKIT_RETAIN_MEMORY", "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    from moekit import kernels
+
+    kernels.cpu_cache(on)
+    if not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

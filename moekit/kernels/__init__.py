@@ -124,7 +124,9 @@ def load():
         try:
             from torch.utils.cpp_extension import load_inline
 
-            src = (Path(__file__).with_name("moe_cpu.cpp")).read_text()
+            # One module: train_cpu.cpp follows moe_cpu.cpp and uses its vector helpers.
+            src = "\n".join(Path(__file__).with_name(f).read_text()
+                            for f in ("moe_cpu.cpp", "train_cpu.cpp", "alloc_cpu.cpp"))
             # Visible by default (WARNING reaches stderr without logging config): a first forward
             # that pauses for half a minute must say why. A cached build loads in about a second.
             if not _cached_build_exists():
@@ -136,7 +138,10 @@ def load():
             omp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
             _module = load_inline(
                 "moekit_cpu_kernels", cpp_sources=[src],
-                functions=["moe_experts", "moe_experts_topk", "linear_small", "decode_attention", "silu_mul", "combine_rows"],
+                functions=["moe_experts", "moe_experts_topk", "linear_small", "decode_attention", "silu_mul",
+                           "combine_rows", "cross_entropy_rows", "causal_softmax_fwd", "causal_softmax_bwd", "rope_rows",
+                           "sum_rows", "combine_rows_backward", "silu_mul_backward",
+                           "cpu_cache_enable", "cpu_cache_disable", "cpu_cache_empty", "cpu_cache_stats"],
                 extra_cflags=["-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mavx512bf16", *omp],
                 verbose=False,
             )
@@ -161,6 +166,15 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
             return False
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return False
+    return available()
+
+
+def train_usable(*tensors: torch.Tensor) -> bool:
+    """Whether the training kernels (used inside autograd Functions, so autograd is fine) may take
+    these tensors: all on CPU, each bf16 or fp32, and the kernels built and switched on."""
+    for t in tensors:
+        if not t.is_cpu or (t.dtype is not torch.bfloat16 and t.dtype is not torch.float32):
+            return False
     return available()
 
 
@@ -268,3 +282,92 @@ def decode_attention(q_BHd: torch.Tensor, k_BGLd: torch.Tensor, v_BGLd: torch.Te
     with _traced("moekit::decode_attention"):
         return mod.decode_attention(q_BHd.contiguous(), k_BGLd.contiguous(), v_BGLd.contiguous(),
                                     pos_B.to(torch.int64).contiguous(), float(scale))
+
+
+def cpu_cache(on: bool) -> bool:
+    """Install (on) or remove torch's caching CPU allocator for blocks of 1 MiB and more (see
+    `moekit.utils.retain_freed_memory`). Returns whether it is installed now; False without kernels."""
+    mod = load() if on else _module
+    if mod is None:
+        return False
+    if on:
+        limit_mb = int(os.environ.get("MOEKIT_CPU_CACHE_LIMIT_MB", "4096"))
+        mod.cpu_cache_enable(1 << 20, max(0, limit_mb) << 20)
+    else:
+        mod.cpu_cache_disable()
+    return bool(mod.cpu_cache_stats()[0])
+
+
+def cpu_cache_empty() -> None:
+    """Return every cached free block of the caching CPU allocator to the OS."""
+    if _module is not None:
+        _module.cpu_cache_empty()
+
+
+def cpu_cache_stats() -> dict[str, int]:
+    """The caching CPU allocator's counters: installed, hits, misses, and bytes cached (free), owned
+    (free + live) and peak owned."""
+    keys = ("installed", "hits", "misses", "cached_bytes", "owned_bytes", "peak_owned_bytes")
+    return dict(zip(keys, _module.cpu_cache_stats() if _module is not None else [0] * 6))
+
+
+def _mod():
+    mod = load()
+    if mod is None:
+        raise RuntimeError("moekit CPU kernels are not available; check available() first")
+    return mod
+
+
+def cross_entropy_rows(logits_NV: torch.Tensor, target_N: torch.Tensor, ignore_index: int, grad_scale: float,
+                       want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row -log softmax(logits)[target] (0 where target == ignore_index), float32 [N]; with
+    want_grad also grad_scale * (softmax - onehot) in the logits' dtype (0 on ignored rows)."""
+    with _traced("moekit::cross_entropy_rows"):
+        loss_N, g_NV = _mod().cross_entropy_rows(logits_NV.contiguous(), target_N.to(torch.int64).contiguous(),
+                                                 int(ignore_index), float(grad_scale), bool(want_grad))
+    return loss_N, (g_NV if want_grad else None)
+
+
+def causal_softmax(s_SL: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale * s) over the last dim with query i (of S) seeing keys j <= i + L - S; float32
+    math, result in s's dtype, masked entries exactly 0."""
+    with _traced("moekit::causal_softmax_fwd"):
+        return _mod().causal_softmax_fwd(s_SL.contiguous(), float(scale))
+
+
+def causal_softmax_backward(p_SL: torch.Tensor, dp_SL: torch.Tensor, scale: float) -> torch.Tensor:
+    """Gradient of `causal_softmax` with respect to its scores, from its output and upstream grad."""
+    with _traced("moekit::causal_softmax_bwd"):
+        return _mod().causal_softmax_bwd(p_SL.contiguous(), dp_SL.contiguous(), float(scale))
+
+
+def rope_rows(x_NPd: torch.Tensor, cos_Nd: torch.Tensor, sin_Nd: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate-half rotary embedding of x [N, P, d] (heads contiguous, any row stride) with float32
+    cos/sin [N, d]; inverse applies the transposed rotation (the gradient). Contiguous result."""
+    with _traced("moekit::rope_rows"):
+        return _mod().rope_rows(x_NPd, cos_Nd.float().contiguous(), sin_Nd.float().contiguous(),
+                                -1.0 if inverse else 1.0)
+
+
+def sum_rows(y_SD: torch.Tensor, inv_A: torch.Tensor, scale_S: torch.Tensor | None, top_k: int) -> torch.Tensor:
+    """out[t] = sum over k of scale_S[s] * y_SD[s] (scale 1 when None), s = inv_A[t * top_k + k]
+    (s < 0 skipped); float32 accumulation, [T, D] in y's dtype."""
+    sc = torch.empty(0) if scale_S is None else scale_S.float().contiguous()
+    with _traced("moekit::sum_rows"):
+        return _mod().sum_rows(y_SD.contiguous(), inv_A.to(torch.int64).contiguous(), sc, int(top_k))
+
+
+def combine_rows_backward(g_TD: torch.Tensor, y_SD: torch.Tensor, tok_S: torch.Tensor,
+                          w_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of out[t] = sum of w_S[s] * y_SD[s] over the rows s of token t = tok_S[s]:
+    (w_S[s] * g_TD[tok_S[s]] in y's dtype, dot(g_TD[tok_S[s]], y_SD[s]) in float32)."""
+    with _traced("moekit::combine_rows_backward"):
+        gy, gw = _mod().combine_rows_backward(g_TD.to(y_SD.dtype).contiguous(), y_SD.contiguous(),
+                                              tok_S.to(torch.int64).contiguous(), w_S.float().contiguous())
+    return gy, gw
+
+
+def silu_mul_backward(h_SH: torch.Tensor, g_SF: torch.Tensor) -> torch.Tensor:
+    """Gradient of `silu_mul` with respect to its input h [S, 2F], from the output gradient g [S, F]."""
+    with _traced("moekit::silu_mul_backward"):
+        return _mod().silu_mul_backward(h_SH.contiguous(), g_SF.to(h_SH.dtype).contiguous())

@@ -106,10 +106,32 @@ def causal_attention_math(q_BHSd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: to
     G = k_BGSd.shape[1]
     q5 = q_BHSd.view(B, G, H // G, S, d)
     s_BGrSS = torch.matmul(q5, k_BGSd.unsqueeze(2).transpose(-1, -2))
-    future_SS = torch.ones(S, S, dtype=torch.bool, device=q_BHSd.device).triu_(1)
-    s_BGrSS = s_BGrSS.masked_fill(future_SS, float("-inf"))
-    p_BGrSS = torch.softmax(s_BGrSS.float().mul_(scale), dim=-1).to(v_BGSd.dtype)
+    if s_BGrSS.dtype == v_BGSd.dtype and kernels.train_usable(s_BGrSS):
+        # Mask, scale, float32 softmax and the cast back in one compiled pass (and one backward).
+        p_BGrSS = _CausalSoftmax.apply(s_BGrSS, scale)
+    else:
+        future_SS = torch.ones(S, S, dtype=torch.bool, device=q_BHSd.device).triu_(1)
+        s_BGrSS = s_BGrSS.masked_fill(future_SS, float("-inf"))
+        p_BGrSS = torch.softmax(s_BGrSS.float().mul_(scale), dim=-1).to(v_BGSd.dtype)
     return torch.matmul(p_BGrSS, v_BGSd.unsqueeze(2)).view(B, H, S, d)
+
+
+class _CausalSoftmax(torch.autograd.Function):
+    """softmax(scale * s) with future keys masked, float32 math, in s's dtype: the compiled kernel
+    both ways. The backward uses the saved probabilities as stored (bf16 under autocast), as
+    SDPA's math path does with its own."""
+
+    @staticmethod
+    def forward(ctx, s_SL: torch.Tensor, scale: float) -> torch.Tensor:
+        p_SL = kernels.causal_softmax(s_SL, scale)
+        ctx.save_for_backward(p_SL)
+        ctx.scale = scale
+        return p_SL
+
+    @staticmethod
+    def backward(ctx, dp_SL: torch.Tensor):
+        (p_SL,) = ctx.saved_tensors
+        return kernels.causal_softmax_backward(p_SL, dp_SL, ctx.scale), None
 
 
 KEY_WINDOW = 128

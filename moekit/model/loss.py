@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from moekit import kernels
+
 CHUNK_BYTES = 4 << 20
 """Float32 bytes per row block (4 MiB: inside L2+L3 on current CPUs)."""
 
@@ -28,6 +30,25 @@ CHUNK_BYTES = 4 << 20
 def _rows_per_chunk(V: int) -> int:
     return max(1, CHUNK_BYTES // (4 * V))
 
+
+
+class _CrossEntropyKernel(torch.autograd.Function):
+    """The compiled path (CPU, bf16/fp32): one pass per row computes the loss and, when the logits
+    need a gradient, the gradient itself, since the loss is a mean with an upstream gradient that
+    is a scalar (1 in training). Backward only scales it when that scalar is not 1."""
+
+    @staticmethod
+    def forward(ctx, logits_NV: torch.Tensor, target_N: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        count = int((target_N != ignore_index).sum())
+        loss_N, g_NV = kernels.cross_entropy_rows(logits_NV, target_N, ignore_index, 1.0 / max(count, 1),
+                                                  ctx.needs_input_grad[0])
+        ctx.save_for_backward(g_NV)
+        return loss_N.sum() / max(count, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (g_NV,) = ctx.saved_tensors
+        return (g_NV if bool(grad_out == 1) else g_NV * grad_out.to(g_NV.dtype)), None, None
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -66,4 +87,6 @@ class _CrossEntropy(torch.autograd.Function):
 
 def cross_entropy(logits_NV: torch.Tensor, target_N: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy over positions whose target is not `ignore_index` (float32 scalar)."""
+    if kernels.train_usable(logits_NV) and logits_NV.is_contiguous():
+        return _CrossEntropyKernel.apply(logits_NV, target_N, ignore_index)
     return _CrossEntropy.apply(logits_NV, target_N, ignore_index)

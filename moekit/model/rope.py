@@ -1,6 +1,7 @@
 """Rotary position embeddings with the scaling variants real configs use.
 
-Shape legend: B batch, S sequence, R rotary dim (head dim or its rope part), P positions.
+Shape legend: B batch, S sequence, H heads, R rotary dim (head dim or its rope part), P positions,
+N = B * S rows, d = R (kernel path).
 
 `inv_freq` follows Hugging Face's `rope_type` conventions exactly ("default", "linear", "dynamic",
 "llama3", "yarn") so imported checkpoints reproduce their logits; cos/sin are computed from the
@@ -13,6 +14,8 @@ import math
 from typing import Any
 
 import torch
+
+from moekit import kernels
 from moekit.utils import Fp32Buffers
 
 
@@ -105,6 +108,40 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+class _RopeRows(torch.autograd.Function):
+    """Rotary embedding through the compiled kernel, forward and backward (the transposed rotation)."""
+
+    @staticmethod
+    def forward(ctx, x_NHd: torch.Tensor, cos_Nd: torch.Tensor, sin_Nd: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos_Nd, sin_Nd)
+        return kernels.rope_rows(x_NHd, cos_Nd, sin_Nd)
+
+    @staticmethod
+    def backward(ctx, g_NHd: torch.Tensor):
+        cos_Nd, sin_Nd = ctx.saved_tensors
+        return kernels.rope_rows(g_NHd.contiguous(), cos_Nd, sin_Nd, inverse=True), None, None
+
+
+def _rope_kernel(x_BHSR: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tensor) -> torch.Tensor | None:
+    """The kernel path for training on CPU: one pass per row instead of two cats, three multiplies
+    and an add on strided views (forward and again backward). None when it does not apply: no
+    autograd, heads not contiguous in the [B, S, H, R] layout the fused QKV projection gives, or no
+    kernels. The result is in x's dtype (the reference promotes to the tables' dtype, which
+    autocast's matmuls cast straight back)."""
+    B, H, S, R = x_BHSR.shape
+    x_BSHR = x_BHSR.transpose(1, 2)
+    if not (torch.is_grad_enabled() and x_BHSR.requires_grad and R % 2 == 0 and cos_BSR.shape[-1] == R
+            and x_BSHR.stride(-1) == 1 and x_BSHR.stride(-2) == R and x_BSHR.stride(0) == S * x_BSHR.stride(1)
+            and kernels.train_usable(x_BHSR, cos_BSR, sin_BSR)):
+        return None
+    cos_Nd = cos_BSR.expand(B, S, R).reshape(B * S, R)
+    sin_Nd = sin_BSR.expand(B, S, R).reshape(B * S, R)
+    y_NHd = _RopeRows.apply(x_BSHR.reshape(B * S, H, R), cos_Nd, sin_Nd)
+    return y_NHd.view(B, S, H, R).transpose(1, 2)
+
+
 def apply_rope(x_BHSR: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tensor) -> torch.Tensor:
+    if x_BHSR.device.type == "cpu" and (y := _rope_kernel(x_BHSR, cos_BSR, sin_BSR)) is not None:
+        return y
     cos, sin = cos_BSR.unsqueeze(1), sin_BSR.unsqueeze(1)
     return x_BHSR * cos + rotate_half(x_BHSR) * sin

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit import kernels
 from moekit.config import MoEConfig, capacity
 
 
@@ -45,6 +46,38 @@ class _PermuteRows(torch.autograd.Function):
     def backward(ctx, g_ND):
         (inv_N,) = ctx.saved_tensors
         return g_ND.index_select(0, inv_N), None, None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x_SD[s] = x_TD[tok_S[s]] where every token has exactly K rows (dropless): the backward sums
+    each token's K row gradients in one compiled pass (float32 accumulation)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, tok_S, inv_A, top_k):
+        ctx.save_for_backward(inv_A)
+        ctx.top_k = top_k
+        return x_TD.index_select(0, tok_S)
+
+    @staticmethod
+    def backward(ctx, g_SD):
+        (inv_A,) = ctx.saved_tensors
+        return kernels.sum_rows(g_SD, inv_A, None, ctx.top_k), None, None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """out_TD[t] = sum over t's K rows s of w_S[s] * y_SD[s], float32 accumulation, in y's dtype;
+    forward and backward each one compiled pass (dropless training on CPU)."""
+
+    @staticmethod
+    def forward(ctx, y_SD, w_S, tok_S, inv_A, top_k):
+        ctx.save_for_backward(y_SD, w_S, tok_S)
+        return kernels.sum_rows(y_SD, inv_A, w_S, top_k)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        y_SD, w_S, tok_S = ctx.saved_tensors
+        gy_SD, gw_S = kernels.combine_rows_backward(g_TD, y_SD, tok_S, w_S)
+        return gy_SD, gw_S.to(w_S.dtype), None, None, None
 
 
 def permute_rows(x_ND: torch.Tensor, perm_N: torch.Tensor, inv_N: torch.Tensor) -> torch.Tensor:
@@ -99,8 +132,11 @@ class Dispatcher:
             # gather here and the scatter in combine are permutations with gather backwards.
             inv_S = torch.empty_like(rows_S)
             inv_S[rows_S] = torch.arange(rows_S.numel(), device=rows_S.device)
-            D = x_TD.shape[-1]
-            x_SD = permute_rows(x_TD.unsqueeze(1).expand(T, K, D).reshape(T * K, D), rows_S, inv_S)
+            if kernels.train_usable(x_TD) and not weight_on_input:
+                x_SD = _GatherTokens.apply(x_TD, rows_S // K, inv_S, K)
+            else:
+                D = x_TD.shape[-1]
+                x_SD = permute_rows(x_TD.unsqueeze(1).expand(T, K, D).reshape(T * K, D), rows_S, inv_S)
         else:
             x_SD = x_TD[rows_S // K]
         if weight_on_input:
@@ -114,6 +150,8 @@ class Dispatcher:
         [T, D]: same cost, but deterministic on every device (no atomics).
         """
         T, K = d.num_tokens, d.top_k
+        if d.inv_S is not None and not d.weights_applied and kernels.train_usable(y_SD):
+            return _CombineRows.apply(y_SD, d.weights_S, d.rows_S // K, d.inv_S, K)
         if not d.weights_applied:
             # Multiply in float32 then cast: the weights are float32 routing values.
             y_SD = (y_SD.float() * d.weights_S.unsqueeze(-1)).to(y_SD.dtype)

@@ -15,11 +15,27 @@ from torch import nn
 from moekit import kernels
 
 
+class _SiluMul(torch.autograd.Function):
+    """silu(gate) * up through the compiled kernel both ways (CPU training)."""
+
+    @staticmethod
+    def forward(ctx, h_SH: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h_SH)
+        return kernels.silu_mul(h_SH)
+
+    @staticmethod
+    def backward(ctx, g_SF: torch.Tensor) -> torch.Tensor:
+        (h_SH,) = ctx.saved_tensors
+        return kernels.silu_mul_backward(h_SH, g_SF)
+
+
 def activate(h_SH: torch.Tensor, act: str) -> torch.Tensor:
     """Apply the FFN nonlinearity to the fused first projection."""
     if act == "swiglu":
         if h_SH.is_cpu and h_SH.dim() == 2 and kernels.usable(h_SH):  # inference: one fused pass
             return kernels.silu_mul(h_SH)
+        if h_SH.is_cpu and h_SH.dim() == 2 and h_SH.requires_grad and kernels.train_usable(h_SH):
+            return _SiluMul.apply(h_SH)  # training: one pass forward, one backward
         g, u = h_SH.chunk(2, dim=-1)
         return F.silu(g) * u
     if act == "geglu":

@@ -1,0 +1,373 @@
+// moekit CPU training kernels: fused cross-entropy, causal softmax forward/backward and rotary
+// embedding, each one pass over rows in float32 registers, threaded with at::parallel_for.
+// Compiled into the same module as moe_cpu.cpp (it follows that file: exp16, store16, load16).
+//
+// Shape legend: N rows (target positions, or query rows of all heads), V vocabulary, S queries,
+// L keys, C row stride of a strided input, P rotary heads, d head dim, h = d / 2.
+//
+// Why: on a 2-core CPU, a small MoE's training step (small-moe, B16 x S256, bf16 autocast) spent
+// more time in the elementwise ops around its GEMMs than in the GEMMs' own share of the gap to
+// transformers: ATen runs cross-entropy over [4096, 8192] logits as an upcast copy, a log_softmax
+// and (in backward) a second softmax pass and a downcast copy; causal attention's scores go through
+// masked_fill, an upcast copy, a scale, softmax and a downcast, and as many passes backward; rotary
+// embedding is two cats, three multiplies and an add on strided views. Each becomes one pass here.
+namespace {
+
+// Rows ahead to software-prefetch in the row-wise training kernels whose inputs come cold from
+// DRAM (saved activations read back in backward).
+constexpr int64_t kRowsAhead = 2;
+
+// Software-prefetch [p, p + bytes) into L1, one request per 64-byte line.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char*)p + o, _MM_HINT_T0);
+}
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+inline __m512 load16m(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16m(const bf16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// Row r of logits: loss[r] = logsumexp(x) - x[t] (0 when t == ignore); with grad, g[r] = scale *
+// (softmax(x) - onehot(t)) (0 for ignored rows). exp values wait in a per-thread float buffer
+// between the sum and the store, so each element's exp is computed once.
+template <typename T>
+void cross_entropy_impl(const T* x, const int64_t* tgt, int64_t N, int64_t V, int64_t ignore, float scale,
+                        float* loss, T* g) {
+  at::parallel_for(0, N, 8, [&](int64_t lo, int64_t hi) {
+    std::vector<float> e(V);
+    for (int64_t r = lo; r < hi; ++r) {
+      const T* xr = x + r * V;
+      const int64_t t = tgt[r];
+      if (t == ignore) {
+        loss[r] = 0.0f;
+        if (g) for (int64_t j = 0; j < V; j += 16) store16(g + r * V + j, _mm512_setzero_ps(), tail_mask(V - j));
+        continue;
+      }
+      __m512 mx = _mm512_set1_ps(-INFINITY);
+      const bool ahead = r + 1 < hi;
+      for (int64_t j = 0; j < V; j += 16) {
+        const __mmask16 m = tail_mask(V - j);
+        if (ahead && (j & 31) == 0) _mm_prefetch((const char*)(xr + V + j), _MM_HINT_T0);  // next row
+        mx = _mm512_mask_max_ps(mx, m, mx, load16m(xr + j, m));
+      }
+      const float xmax = _mm512_reduce_max_ps(mx);
+      const __m512 vmax = _mm512_set1_ps(xmax);
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < V; j += 16) {
+        const __mmask16 m = tail_mask(V - j);
+        const __m512 ev = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(load16m(xr + j, m), vmax)));
+        _mm512_mask_storeu_ps(e.data() + j, m, ev);
+        sum = _mm512_add_ps(sum, ev);
+      }
+      const float s = _mm512_reduce_add_ps(sum);
+      loss[r] = std::log(s) + xmax - (float)xr[t];
+      if (!g) continue;
+      const __m512 f = _mm512_set1_ps(scale / s);
+      T* gr = g + r * V;
+      e[t] -= s;  // (e[t] - s) * scale / s = scale * (p[t] - 1)
+      for (int64_t j = 0; j < V; j += 16) {
+        const __mmask16 m = tail_mask(V - j);
+        store16(gr + j, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, e.data() + j), f), m);
+      }
+    }
+  });
+}
+
+// Causal softmax over each query row of scores s [R, S, L] (query i sees keys j <= i + L - S),
+// scaled by `scale` first, in float32; masked entries get probability 0.
+template <typename T>
+void causal_softmax_fwd_impl(const T* s, T* p, int64_t R, int64_t S, int64_t L, float scale) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  at::parallel_for(0, R * S, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<float> e(L);
+    for (int64_t row = lo; row < hi; ++row) {
+      const int64_t n = std::min(L, row % S + L - S + 1);  // visible keys
+      const T* sr = s + row * L;
+      T* pr = p + row * L;
+      if (row + kRowsAhead < hi) prefetch_bytes(sr + kRowsAhead * L, std::min(L, (row + kRowsAhead) % S + L - S + 1) * (int64_t)sizeof(T));
+      __m512 mx = _mm512_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = tail_mask(n - j);
+        mx = _mm512_mask_max_ps(mx, m, mx, _mm512_mul_ps(load16m(sr + j, m), vs));
+      }
+      const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = tail_mask(n - j);
+        const __m512 ev = _mm512_maskz_mov_ps(m, exp16(_mm512_fmsub_ps(load16m(sr + j, m), vs, vmax)));
+        _mm512_mask_storeu_ps(e.data() + j, m, ev);
+        sum = _mm512_add_ps(sum, ev);
+      }
+      const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+      int64_t j = 0;
+      for (; j < n; j += 16) {
+        const __mmask16 m = tail_mask(n - j);
+        store16(pr + j, _mm512_maskz_mov_ps(m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, e.data() + j), inv)), 0xffff & tail_mask(L - j));
+      }
+      for (; j < L; j += 16) store16(pr + j, _mm512_setzero_ps(), tail_mask(L - j));
+    }
+  });
+}
+
+// ds = scale * p * (dp - sum_j p_j dp_j) over the visible keys, 0 beyond (softmax backward with the
+// forward's scale folded in). p is the forward's output; dp the gradient reaching it.
+template <typename T, typename G>
+void causal_softmax_bwd_impl(const T* p, const G* dp, T* ds, int64_t R, int64_t S, int64_t L, float scale) {
+  at::parallel_for(0, R * S, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t row = lo; row < hi; ++row) {
+      const int64_t n = std::min(L, row % S + L - S + 1);
+      const T* pr = p + row * L;
+      const G* gr = dp + row * L;
+      T* o = ds + row * L;
+      if (row + kRowsAhead < hi) {
+        const int64_t na = std::min(L, (row + kRowsAhead) % S + L - S + 1);
+        prefetch_bytes(pr + kRowsAhead * L, na * (int64_t)sizeof(T));
+        prefetch_bytes(gr + kRowsAhead * L, na * (int64_t)sizeof(G));
+      }
+      __m512 dot = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = tail_mask(n - j);
+        dot = _mm512_fmadd_ps(load16m(pr + j, m), load16m(gr + j, m), dot);
+      }
+      const __m512 vd = _mm512_set1_ps(_mm512_reduce_add_ps(dot)), vs = _mm512_set1_ps(scale);
+      int64_t j = 0;
+      for (; j < n; j += 16) {
+        const __mmask16 m = tail_mask(n - j);
+        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(load16m(pr + j, m), _mm512_sub_ps(load16m(gr + j, m), vd)), vs);
+        store16(o + j, _mm512_maskz_mov_ps(m, v), tail_mask(L - j));
+      }
+      for (; j < L; j += 16) store16(o + j, _mm512_setzero_ps(), tail_mask(L - j));
+    }
+  });
+}
+
+// Rotate-half rotary embedding: for row r (= b * S + s) and head p of x [N, P, d] (row stride C,
+// heads contiguous): y[i] = x[i] c[i] - x[i+h] s[i], y[i+h] = x[i+h] c[i+h] + x[i] s[i+h], with
+// c, s the float32 [N, d] tables. sign = -1 applies the transposed (inverse) rotation, the
+// backward: dx[i] = dy[i] c[i] + dy[i+h] s[i+h], dx[i+h] = dy[i+h] c[i+h] - dy[i] s[i].
+template <typename T>
+void rope_impl(const T* x, int64_t C, const float* c, const float* sn, T* y, int64_t N, int64_t P, int64_t d,
+               float sign) {
+  const int64_t h = d / 2;
+  const __m512 vsg = _mm512_set1_ps(sign);
+  const bool inv = sign < 0;
+  at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* cr = c + r * d;
+      const float* sr = sn + r * d;
+      if (r + kRowsAhead < hi) {
+        prefetch_bytes(x + (r + kRowsAhead) * C, P * d * (int64_t)sizeof(T));
+        prefetch_bytes(cr + kRowsAhead * d, d * 4);
+        prefetch_bytes(sr + kRowsAhead * d, d * 4);
+      }
+      for (int64_t p = 0; p < P; ++p) {
+        const T* xr = x + r * C + p * d;
+        T* yr = y + (r * P + p) * d;
+        for (int64_t i = 0; i < h; i += 16) {
+          const __mmask16 m = tail_mask(h - i);
+          const __m512 x1 = load16m(xr + i, m), x2 = load16m(xr + h + i, m);
+          // The inverse (transposed) rotation also swaps which half's sine multiplies which.
+          const __m512 s1 = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sr + (inv ? h : 0) + i), vsg);
+          const __m512 s2 = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sr + (inv ? 0 : h) + i), vsg);
+          store16(yr + i, _mm512_fnmadd_ps(x2, s1, _mm512_mul_ps(x1, _mm512_maskz_loadu_ps(m, cr + i))), m);
+          store16(yr + h + i, _mm512_fmadd_ps(x1, s2, _mm512_mul_ps(x2, _mm512_maskz_loadu_ps(m, cr + h + i))), m);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// Per-row cross-entropy of logits [N, V] (bf16/fp32) against target [N] int64; with want_grad also
+// the logits' gradient scale * (softmax - onehot) in the logits' dtype. Returns {loss [N] fp32, grad}.
+std::vector<torch::Tensor> cross_entropy_rows(torch::Tensor logits, torch::Tensor target, int64_t ignore_index,
+                                              double scale, bool want_grad) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && target.is_contiguous() &&
+              target.scalar_type() == torch::kInt64 && target.numel() == logits.size(0),
+              "cross_entropy_rows: contiguous logits [N, V] and int64 target [N] expected");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const int64_t* tp = target.data_ptr<int64_t>();
+  for (int64_t r = 0; r < N; ++r)
+    TORCH_CHECK(tp[r] == ignore_index || (tp[r] >= 0 && tp[r] < V), "cross_entropy_rows: target ", tp[r],
+                " out of range for vocabulary ", V);
+  auto loss = torch::empty({N}, logits.options().dtype(torch::kFloat32));
+  auto grad = want_grad ? torch::empty_like(logits) : torch::Tensor();
+  if (logits.scalar_type() == torch::kBFloat16)
+    cross_entropy_impl(logits.data_ptr<bf16>(), tp, N, V, ignore_index, (float)scale, loss.data_ptr<float>(),
+                       want_grad ? grad.data_ptr<bf16>() : nullptr);
+  else if (logits.scalar_type() == torch::kFloat32)
+    cross_entropy_impl(logits.data_ptr<float>(), tp, N, V, ignore_index, (float)scale, loss.data_ptr<float>(),
+                       want_grad ? grad.data_ptr<float>() : nullptr);
+  else TORCH_CHECK(false, "cross_entropy_rows: dtype must be bfloat16 or float32");
+  return {loss, want_grad ? grad : torch::empty({0})};
+}
+
+// Causal softmax(scale * s) of scores [..., S, L], float32 math, result in s's dtype.
+torch::Tensor causal_softmax_fwd(torch::Tensor s, double scale) {
+  TORCH_CHECK(s.dim() >= 2 && s.is_contiguous() && s.size(-1) >= s.size(-2), "causal_softmax_fwd: contiguous [..., S, L>=S]");
+  const int64_t S = s.size(-2), L = s.size(-1), R = s.numel() / (S * L);
+  auto p = torch::empty_like(s);
+  if (s.scalar_type() == torch::kBFloat16) causal_softmax_fwd_impl(s.data_ptr<bf16>(), p.data_ptr<bf16>(), R, S, L, (float)scale);
+  else if (s.scalar_type() == torch::kFloat32) causal_softmax_fwd_impl(s.data_ptr<float>(), p.data_ptr<float>(), R, S, L, (float)scale);
+  else TORCH_CHECK(false, "causal_softmax_fwd: dtype must be bfloat16 or float32");
+  return p;
+}
+
+// Gradient of causal_softmax_fwd with respect to its scores, from its output p and the gradient dp.
+torch::Tensor causal_softmax_bwd(torch::Tensor p, torch::Tensor dp, double scale) {
+  TORCH_CHECK(p.is_contiguous() && dp.is_contiguous() && p.sizes() == dp.sizes(), "causal_softmax_bwd: matching contiguous p, dp");
+  const int64_t S = p.size(-2), L = p.size(-1), R = p.numel() / (S * L);
+  auto ds = torch::empty_like(p);
+  auto run = [&](auto* pp, auto* op) {
+    if (dp.scalar_type() == torch::kBFloat16) causal_softmax_bwd_impl(pp, dp.data_ptr<bf16>(), op, R, S, L, (float)scale);
+    else if (dp.scalar_type() == torch::kFloat32) causal_softmax_bwd_impl(pp, dp.data_ptr<float>(), op, R, S, L, (float)scale);
+    else TORCH_CHECK(false, "causal_softmax_bwd: dp dtype must be bfloat16 or float32");
+  };
+  if (p.scalar_type() == torch::kBFloat16) run(p.data_ptr<bf16>(), ds.data_ptr<bf16>());
+  else if (p.scalar_type() == torch::kFloat32) run(p.data_ptr<float>(), ds.data_ptr<float>());
+  else TORCH_CHECK(false, "causal_softmax_bwd: dtype must be bfloat16 or float32");
+  return ds;
+}
+
+// Rotary embedding of x [N, P, d] (stride(0) = C, heads contiguous) with float32 cos/sin [N, d];
+// sign -1 rotates back (the gradient). Returns a contiguous [N, P, d] in x's dtype.
+torch::Tensor rope_rows(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, double sign) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) && x.size(2) % 2 == 0,
+              "rope_rows: x [N, P, d] with contiguous heads and even d expected");
+  const int64_t N = x.size(0), P = x.size(1), d = x.size(2);
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
+              sin.is_contiguous() && cos.numel() == N * d && sin.numel() == N * d, "rope_rows: float32 cos/sin [N, d] expected");
+  auto y = torch::empty({N, P, d}, x.options());
+  if (x.scalar_type() == torch::kBFloat16)
+    rope_impl(x.data_ptr<bf16>(), x.stride(0), cos.data_ptr<float>(), sin.data_ptr<float>(), y.data_ptr<bf16>(), N, P, d, (float)sign);
+  else if (x.scalar_type() == torch::kFloat32)
+    rope_impl(x.data_ptr<float>(), x.stride(0), cos.data_ptr<float>(), sin.data_ptr<float>(), y.data_ptr<float>(), N, P, d, (float)sign);
+  else TORCH_CHECK(false, "rope_rows: dtype must be bfloat16 or float32");
+  return y;
+}
+
+// ---- MoE training: gather backward / combine forward, combine backward, SwiGLU backward ----
+
+// out[t] = sum_k scale[s] * y[s] over s = inv[t * K + k] (s < 0 skipped; no scale = 1), float32
+// accumulation, in y's dtype. Combine forward (scaled) and the gather's backward (unscaled).
+torch::Tensor sum_rows(torch::Tensor y, torch::Tensor inv, torch::Tensor scale, int64_t K) {
+  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && inv.is_contiguous() && inv.scalar_type() == torch::kInt64 &&
+              inv.numel() % K == 0, "sum_rows: contiguous y [S, D] and int64 inv [T*K] expected");
+  const bool scaled = scale.numel() > 0;
+  TORCH_CHECK(!scaled || (scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == y.size(0)),
+              "sum_rows: scale must be float32 [S]");
+  const int64_t S = y.size(0), D = y.size(1), T = inv.numel() / K;
+  const int64_t* iv = inv.data_ptr<int64_t>();
+  for (int64_t a = 0; a < T * K; ++a) TORCH_CHECK(iv[a] < S, "sum_rows: row ", iv[a], " out of range");
+  const float* sc = scaled ? scale.data_ptr<float>() : nullptr;
+  auto out = torch::empty({T, D}, y.options());
+  auto run = [&](auto* yp, auto* op) {
+    using T_ = std::remove_pointer_t<decltype(yp)>;
+    at::parallel_for(0, T, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        if (t + kRowsAhead < hi)  // gathered rows: no hardware prefetcher can guess them
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t s = iv[(t + kRowsAhead) * K + k];
+            if (s >= 0) prefetch_bytes(yp + s * D, D * (int64_t)sizeof(*yp));
+          }
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 m = tail_mask(D - d);
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t s = iv[t * K + k];
+            if (s < 0) continue;
+            const __m512 v = load16m(yp + s * D + d, m);
+            acc = sc ? _mm512_fmadd_ps(_mm512_set1_ps(sc[s]), v, acc) : _mm512_add_ps(acc, v);
+          }
+          store16(op + t * D + d, acc, m);
+        }
+      }
+    });
+  };
+  if (y.scalar_type() == torch::kBFloat16) run(y.data_ptr<bf16>(), out.data_ptr<bf16>());
+  else if (y.scalar_type() == torch::kFloat32) run(y.data_ptr<float>(), out.data_ptr<float>());
+  else TORCH_CHECK(false, "sum_rows: dtype must be bfloat16 or float32");
+  return out;
+}
+
+// Backward of out[t] = sum_k w[s] y[s]: gy[s] = w[s] * g[tok[s]] (y's dtype) and
+// gw[s] = dot(g[tok[s]], y[s]) (float32), one pass over the rows.
+std::vector<torch::Tensor> combine_rows_backward(torch::Tensor g, torch::Tensor y, torch::Tensor tok, torch::Tensor w) {
+  TORCH_CHECK(g.dim() == 2 && y.dim() == 2 && g.is_contiguous() && y.is_contiguous() && g.size(1) == y.size(1) &&
+              g.scalar_type() == y.scalar_type(), "combine_rows_backward: contiguous g [T, D], y [S, D] of one dtype");
+  TORCH_CHECK(tok.scalar_type() == torch::kInt64 && tok.is_contiguous() && tok.numel() == y.size(0) &&
+              w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.numel() == y.size(0),
+              "combine_rows_backward: int64 tok [S] and float32 w [S] expected");
+  const int64_t S = y.size(0), D = y.size(1), T = g.size(0);
+  const int64_t* tp = tok.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(tp[s] >= 0 && tp[s] < T, "combine_rows_backward: token ", tp[s], " out of range");
+  const float* wp = w.data_ptr<float>();
+  auto gy = torch::empty_like(y);
+  auto gw = torch::empty({S}, w.options());
+  float* gwp = gw.data_ptr<float>();
+  auto run = [&](auto* gp, auto* yp, auto* op) {
+    at::parallel_for(0, S, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t s = lo; s < hi; ++s) {
+        const auto* gr = gp + tp[s] * D;
+        const auto* yr = yp + s * D;
+        auto* o = op + s * D;
+        const __m512 ws = _mm512_set1_ps(wp[s]);
+        if (s + kRowsAhead < hi) {
+          prefetch_bytes(gp + tp[s + kRowsAhead] * D, D * (int64_t)sizeof(*gp));
+          prefetch_bytes(yr + kRowsAhead * D, D * (int64_t)sizeof(*yp));
+        }
+        __m512 dot = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 m = tail_mask(D - d);
+          const __m512 gv = load16m(gr + d, m);
+          dot = _mm512_fmadd_ps(gv, load16m(yr + d, m), dot);
+          store16(o + d, _mm512_mul_ps(gv, ws), m);
+        }
+        gwp[s] = _mm512_reduce_add_ps(dot);
+      }
+    });
+  };
+  if (y.scalar_type() == torch::kBFloat16) run(g.data_ptr<bf16>(), y.data_ptr<bf16>(), gy.data_ptr<bf16>());
+  else if (y.scalar_type() == torch::kFloat32) run(g.data_ptr<float>(), y.data_ptr<float>(), gy.data_ptr<float>());
+  else TORCH_CHECK(false, "combine_rows_backward: dtype must be bfloat16 or float32");
+  return {gy, gw};
+}
+
+// Backward of a = silu(h[:, :F]) * h[:, F:]: dh[:, :F] = g * u * sig * (1 + x (1 - sig)),
+// dh[:, F:] = g * silu(x), with x the gate, u the up half, sig = sigmoid(x); h's dtype.
+torch::Tensor silu_mul_backward(torch::Tensor h, torch::Tensor g) {
+  TORCH_CHECK(h.dim() == 2 && g.dim() == 2 && h.is_contiguous() && g.is_contiguous() && h.size(0) == g.size(0) &&
+              h.size(1) == 2 * g.size(1) && h.scalar_type() == g.scalar_type(),
+              "silu_mul_backward: contiguous h [S, 2F] and g [S, F] of one dtype expected");
+  const int64_t S = h.size(0), F = g.size(1);
+  auto dh = torch::empty_like(h);
+  auto run = [&](auto* hp, auto* gp, auto* op) {
+    at::parallel_for(0, S, 16, [&](int64_t lo, int64_t hi) {
+      const __m512 one = _mm512_set1_ps(1.0f);
+      for (int64_t s = lo; s < hi; ++s) {
+        const auto* xr = hp + s * 2 * F;
+        const auto* gr = gp + s * F;
+        auto* o = op + s * 2 * F;
+        for (int64_t i = 0; i < F; i += 16) {
+          const __mmask16 m = tail_mask(F - i);
+          if (s + kRowsAhead < hi) {  // three streams: the hardware prefetchers alone fall behind
+            _mm_prefetch((const char*)(xr + kRowsAhead * 2 * F + i), _MM_HINT_T0);
+            _mm_prefetch((const char*)(xr + kRowsAhead * 2 * F + F + i), _MM_HINT_T0);
+            _mm_prefetch((const char*)(gr + kRowsAhead * F + i), _MM_HINT_T0);
+          }
+          const __m512 x = load16m(xr + i, m), u = load16m(xr + F + i, m), gv = load16m(gr + i, m);
+          const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+          const __m512 dsilu = _mm512_mul_ps(sig, _mm512_fmadd_ps(x, _mm512_sub_ps(one, sig), one));
+          store16(o + i, _mm512_mul_ps(_mm512_mul_ps(gv, u), dsilu), m);
+          store16(o + F + i, _mm512_mul_ps(gv, _mm512_mul_ps(x, sig)), m);
+        }
+      }
+    });
+  };
+  if (h.scalar_type() == torch::kBFloat16) run(h.data_ptr<bf16>(), g.data_ptr<bf16>(), dh.data_ptr<bf16>());
+  else if (h.scalar_type() == torch::kFloat32) run(h.data_ptr<float>(), g.data_ptr<float>(), dh.data_ptr<float>());
+  else TORCH_CHECK(false, "silu_mul_backward: dtype must be bfloat16 or float32");
+  return dh;
+}
