@@ -348,3 +348,16 @@ def test_inference_under_autocast_matches_eager_autocast(monkeypatch, batched, m
             y_fast, _ = layer(x)
         y_slow, _ = layer(x.clone().requires_grad_())
     torch.testing.assert_close(y_fast.float(), y_slow.detach().float(), rtol=3e-2, atol=3e-2)
+
+
+def test_amx_cpus_keep_only_the_gemv_range(monkeypatch):
+    """With AMX-BF16, bf16 experts and linears above the GEMV rows go to oneDNN (fp32 unchanged)."""
+    monkeypatch.delenv("MOEKIT_KERNEL_MAX_ROWS", raising=False)
+    base = {"avx512f", "avx512bw", "avx512_bf16"}
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: frozenset(base | {"amx_bf16", "amx_tile"}))
+    assert kernels.max_rows(torch.bfloat16) == kernels.max_linear_rows(torch.bfloat16) == kernels.GEMV_ROWS
+    assert kernels.max_rows(torch.float32) == 512
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: frozenset(base))
+    assert kernels.max_rows(torch.bfloat16) == 64 and kernels.max_linear_rows(torch.bfloat16) == 16
+    monkeypatch.setenv("MOEKIT_KERNEL_MAX_ROWS", "3")
+    assert kernels.max_rows(torch.bfloat16) == 3

@@ -27,6 +27,19 @@ ACTS = {"swiglu": 0, "geglu": 1, "gelu": 2}
 """Activation codes understood by the kernel."""
 
 
+GEMV_ROWS = 8
+"""Rows up to which the kernel runs an expert / linear as a GEMV (each weight row streamed once)."""
+
+
+def has_amx() -> bool:
+    """Whether this CPU has AMX-BF16 tiles (Intel Sapphire Rapids and later), which oneDNN's bf16
+    GEMM uses. There, the thresholds below fall to the GEMV range (GEMV_ROWS): the register tiles
+    were tuned against oneDNN's AVX-512 path, and AMX's tile units do several times that work per
+    cycle, so above the bandwidth-bound GEMV sizes oneDNN is the better bet. Not measured here (no
+    AMX machine was available); MOEKIT_KERNEL_MAX_ROWS overrides it."""
+    return "amx_bf16" in _cpu_flags()
+
+
 def max_rows(dtype: torch.dtype) -> int:
     """Rows per expert up to which the compiled kernel runs an expert FFN (MoE experts, and the
     dense FFN as one expert) on this CPU; above it, F.linear (oneDNN bf16 / MKL fp32).
@@ -43,6 +56,8 @@ def max_rows(dtype: torch.dtype) -> int:
     env = os.environ.get("MOEKIT_KERNEL_MAX_ROWS")
     if env:
         return int(env)
+    if dtype is torch.bfloat16 and has_amx():
+        return GEMV_ROWS
     return 64 if dtype is torch.bfloat16 else 512
 
 
@@ -57,6 +72,8 @@ def max_linear_rows(dtype: torch.dtype) -> int:
     env = os.environ.get("MOEKIT_KERNEL_MAX_ROWS")
     if env:
         return int(env)
+    if dtype is torch.bfloat16 and has_amx():
+        return GEMV_ROWS
     return 16 if dtype is torch.bfloat16 else 128
 
 
@@ -140,7 +157,7 @@ def load():
                 "moekit_cpu_kernels", cpp_sources=[src],
                 functions=["moe_experts", "moe_experts_topk", "linear_small", "decode_attention", "silu_mul",
                            "combine_rows", "cross_entropy_rows", "causal_softmax_fwd", "causal_softmax_bwd", "rope_rows",
-                           "sum_rows", "combine_rows_backward", "silu_mul_backward",
+                           "sum_rows", "combine_rows_backward", "silu_mul_backward", "rms_norm_fwd", "rms_norm_bwd",
                            "cpu_cache_enable", "cpu_cache_disable", "cpu_cache_empty", "cpu_cache_stats"],
                 extra_cflags=["-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mavx512bf16", *omp],
                 verbose=False,
@@ -371,3 +388,18 @@ def silu_mul_backward(h_SH: torch.Tensor, g_SF: torch.Tensor) -> torch.Tensor:
     """Gradient of `silu_mul` with respect to its input h [S, 2F], from the output gradient g [S, F]."""
     with _traced("moekit::silu_mul_backward"):
         return _mod().silu_mul_backward(h_SH.contiguous(), g_SF.to(h_SH.dtype).contiguous())
+
+
+def rms_norm(x_ND: torch.Tensor, w_D: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 RMSNorm rows: (w * x * rstd, rstd) with rstd = 1 / sqrt(mean(x^2) + eps)."""
+    with _traced("moekit::rms_norm_fwd"):
+        y, rstd = _mod().rms_norm_fwd(x_ND.contiguous(), w_D.contiguous(), float(eps))
+    return y, rstd
+
+
+def rms_norm_backward(g_ND: torch.Tensor, x_ND: torch.Tensor, w_D: torch.Tensor,
+                      rstd_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (dx, dw) of `rms_norm` from the output gradient g (float32)."""
+    with _traced("moekit::rms_norm_bwd"):
+        dx, dw = _mod().rms_norm_bwd(g_ND.float().contiguous(), x_ND, w_D, rstd_N)
+    return dx, dw

@@ -371,3 +371,75 @@ torch::Tensor silu_mul_backward(torch::Tensor h, torch::Tensor g) {
   else TORCH_CHECK(false, "silu_mul_backward: dtype must be bfloat16 or float32");
   return dh;
 }
+
+// ---- RMSNorm (float32 rows) for training: one pass forward, one backward ----
+
+// y[r] = w * x[r] * rstd[r], rstd[r] = 1 / sqrt(mean(x[r]^2) + eps). Returns {y, rstd}.
+std::vector<torch::Tensor> rms_norm_fwd(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32 && w.is_contiguous() &&
+              w.scalar_type() == torch::kFloat32 && w.numel() == x.size(1), "rms_norm_fwd: float32 x [N, D], w [D]");
+  const int64_t N = x.size(0), D = x.size(1);
+  auto y = torch::empty_like(x);
+  auto rstd = torch::empty({N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float* rp = rstd.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* xr = xp + r * D;
+      if (r + kRowsAhead < hi) prefetch_bytes(xr + kRowsAhead * D, D * 4);
+      __m512 ss = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m512 v = load16m(xr + d, tail_mask(D - d));
+        ss = _mm512_fmadd_ps(v, v, ss);
+      }
+      const float rs = 1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / (float)D + (float)eps);
+      rp[r] = rs;
+      const __m512 vr = _mm512_set1_ps(rs);
+      for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 m = tail_mask(D - d);
+        store16(yp + r * D + d, _mm512_mul_ps(load16m(wp + d, m), _mm512_mul_ps(load16m(xr + d, m), vr)), m);
+      }
+    }
+  });
+  return {y, rstd};
+}
+
+// Gradients of rms_norm_fwd: dx = rstd * (w g - x rstd^2 mean(w g x)), dw = sum over rows of
+// g x rstd (per-thread partial sums, added at the end). Returns {dx, dw}.
+std::vector<torch::Tensor> rms_norm_bwd(torch::Tensor g, torch::Tensor x, torch::Tensor w, torch::Tensor rstd) {
+  TORCH_CHECK(g.sizes() == x.sizes() && g.is_contiguous() && g.scalar_type() == torch::kFloat32,
+              "rms_norm_bwd: float32 g matching x");
+  const int64_t N = x.size(0), D = x.size(1);
+  auto dx = torch::empty_like(x);
+  const int nt = at::get_num_threads();
+  auto part = torch::zeros({nt, D}, x.options());
+  const float *gp = g.data_ptr<float>(), *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  float* dxp = dx.data_ptr<float>();
+  float* pp = part.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
+    float* dw = pp + at::get_thread_num() * D;
+    for (int64_t r = lo; r < hi; ++r) {
+      const float *gr = gp + r * D, *xr = xp + r * D;
+      if (r + kRowsAhead < hi) {
+        prefetch_bytes(gr + kRowsAhead * D, D * 4);
+        prefetch_bytes(xr + kRowsAhead * D, D * 4);
+      }
+      const float rs = rp[r];
+      __m512 dot = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 m = tail_mask(D - d);
+        dot = _mm512_fmadd_ps(_mm512_mul_ps(load16m(wp + d, m), load16m(gr + d, m)), load16m(xr + d, m), dot);
+      }
+      const __m512 c = _mm512_set1_ps(_mm512_reduce_add_ps(dot) / (float)D * rs * rs), vr = _mm512_set1_ps(rs);
+      for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 m = tail_mask(D - d);
+        const __m512 gv = load16m(gr + d, m), xv = load16m(xr + d, m);
+        store16(dxp + r * D + d, _mm512_mul_ps(vr, _mm512_fnmadd_ps(xv, c, _mm512_mul_ps(load16m(wp + d, m), gv))), m);
+        store16(dw + d, _mm512_fmadd_ps(_mm512_mul_ps(gv, xv), vr, load16m(dw + d, m)), m);
+      }
+    }
+  });
+  return {dx, part.sum(0)};
+}

@@ -113,7 +113,13 @@ class GroupedExperts(nn.Module):
         # `w13[e]` or `x[a:b]` zero-fills a gradient the size of the whole stacked tensor for
         # *each* expert (19% of a small-moe training step), while unbind/split backward is one
         # stack/cat of the per-expert gradients.
-        w13_E, w2_E = self.w13.unbind(0), self.w2.unbind(0)
+        w13, w2 = self.w13, self.w2
+        if x_SD.is_cpu and w13.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+            # One cast of each stacked weight (and one of its gradient back) instead of autocast's
+            # per-expert casts of every slice.
+            dt = torch.get_autocast_dtype("cpu")
+            w13, w2 = w13.to(dt), w2.to(dt)
+        w13_E, w2_E = w13.unbind(0), w2.unbind(0)
         outs = [F.linear(activate(F.linear(x_ND, w13_E[e]), self.act), w2_E[e])
                 for e, x_ND in enumerate(x_SD.split(counts)) if counts[e]]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
