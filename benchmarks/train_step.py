@@ -151,6 +151,10 @@ def main() -> int:
         meta["transformers"] = transformers.__version__
     except ImportError:
         pass
+    from moekit import kernels
+
+    meta["kernels"] = kernels.available()
+    meta["cpu_cache"] = kernels.cpu_cache_stats()
     res = {"meta": meta, "rows": rows, "ratio_best_vs_best": ratio_best, "ratio_same_precision": same,
            "target": ">= 2x transformers tokens/s", "meets_target": ratio_best >= 2.0}
     out = Path(a.out)
@@ -162,8 +166,10 @@ def main() -> int:
     md += [f"| {x['impl']} | {x['tokens_per_s']:,.0f} | {x['step_s_median']:.3f} | {x['params'] / 1e6:.2f}M |"
            for x in rows]
     md += ["", "moekit runs with freed memory retained, as `moekit train` sets it (`moekit.utils.retain_freed_memory`: "
-           "large buffers are not unmapped and page-faulted back each step); transformers runs both ways and its "
-           "best row is the baseline.",
+           "glibc keeps its heap, and torch's CPU allocator becomes moekit's caching allocator, so large buffers are "
+           "reused instead of page-faulted in again each step); transformers runs both ways, plain and with the same "
+           "setting, and its best row is the baseline. moekit's CPU training kernels (cross-entropy, causal softmax, "
+           "rotary, RMSNorm, MoE gather/combine/SwiGLU backward) are on, as in `moekit train`.",
            "", f"Best moekit / best transformers: **{ratio_best:.2f}x** (target >= 2x: "
            f"{'met' if ratio_best >= 2 else 'NOT met'}). Same precision: fp32 {same['fp32']:.2f}x, "
            f"bf16 autocast {same['bf16 autocast']:.2f}x.", "",

@@ -217,3 +217,26 @@ def test_caching_allocator_reuses_and_respects_the_limit(monkeypatch):
     finally:
         monkeypatch.setenv("MOEKIT_CPU_CACHE_LIMIT_MB", "4096")
         kernels.cpu_cache(bool(was))
+
+
+@pytest.mark.parametrize("D", [256, 40])
+def test_rms_norm_kernel_matches_reference(monkeypatch, D):
+    """Training RMSNorm (float32 rows through the kernel): output, input and weight gradients."""
+    from moekit.model.attention import RMSNorm
+
+    calls = _calls(monkeypatch, "rms_norm_backward")
+    torch.manual_seed(D)
+    norm = RMSNorm(D)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(3, 17, D, requires_grad=True)
+    g = torch.randn(3, 17, D)
+    y = norm(x)
+    y.backward(g)
+    gx, gw = x.grad.clone(), norm.weight.grad.clone()
+    x.grad, norm.weight.grad = None, None
+    ref = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+    ref.backward(g)
+    assert_close(y, ref)
+    assert_close(gx, x.grad)
+    assert_close(gw, norm.weight.grad)
+    assert calls
