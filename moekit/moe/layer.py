@@ -76,7 +76,12 @@ class MoELayer(nn.Module):
                                               self.experts.w2, self.experts.act).to(x_TD.dtype)
             dropped = torch.zeros((), dtype=torch.int64)
         else:
-            d = self.dispatcher.dispatch(x_TD, r.topk_ids_TK, r.topk_weights_TK, self.cfg.weight_on_input)
+            x_in_TD = x_TD
+            if x_TD.dtype == torch.float32 and x_TD.is_cpu and torch.is_autocast_enabled("cpu"):
+                # Autocast would cast every expert's rows on their way into its GEMM: cast the
+                # tokens once before the gather instead, which also halves the rows it moves.
+                x_in_TD = x_TD.to(torch.get_autocast_dtype("cpu"))
+            d = self.dispatcher.dispatch(x_in_TD, r.topk_ids_TK, r.topk_weights_TK, self.cfg.weight_on_input)
             if _inference(x_TD, self.experts, d.weights_S):
                 # CPU inference: experts and combine fused (compiled kernel for small experts).
                 w_S = torch.ones_like(d.weights_S) if d.weights_applied else d.weights_S
