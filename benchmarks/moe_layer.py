@@ -303,13 +303,15 @@ def write_markdown(res: dict, path: Path) -> None:
         "3. The remaining experts run as two GEMMs each (oneDNN bf16 / MKL fp32), the fused SiLU x up between them "
         "(`kernels.silu_mul`), each writing its rows of one [S, D] buffer; one compiled pass (`kernels.combine_rows`) "
         "then adds every token's weighted rows into the same float32 accumulator.",
-        "4. Training (autograd on) keeps the plain per-expert loop + dispatcher combine; CUDA bf16 uses "
-        "torch._grouped_mm. `MOEKIT_KERNELS=0` switches the kernel off; `MOEKIT_KERNEL_MAX_ROWS=N` moves the "
-        "threshold.", "",
+        "4. Training (autograd on) runs the experts as one autograd node on CPU (per-expert GEMMs into stacked "
+        "buffers, rows padded to 64 so oneDNN reuses its primitives, compiled SwiGLU and combine kernels both "
+        "ways); CUDA bf16 uses torch._grouped_mm. `MOEKIT_KERNELS=0` switches the kernels off; "
+        "`MOEKIT_KERNEL_MAX_ROWS=N` moves the threshold.", "",
         "Timings on a shared machine are noisy: calls of all implementations are interleaved round-robin so "
         "load hits them alike; compare ratios within one run, and rerun on a quiet machine for absolute numbers. "
         "The process keeps freed memory (`moekit.utils.retain_freed_memory`, as moekit's engine and trainer set "
-        "it) for every implementation alike" + ("" if res.get("retain", True) else " (not in this run: --no-retain)")
+        "it: glibc keeps its heap and torch's CPU allocator caches blocks of 1 MiB and more) for every "
+        "implementation alike" + ("" if res.get("retain", True) else " (not in this run: --no-retain)")
         + ": without it each fresh multi-MB buffer pays a page fault per 4 KiB, in HF's blocks as in moekit's.",
         "",
     ]

@@ -44,7 +44,8 @@ def retain_freed_memory(on: bool = True) -> bool:
        reused, 2 MiB aligned with transparent huge pages advised. The glibc heap alone still
        fragments as per-expert buffer sizes change each step and keeps faulting fresh pages in
        (4,000-37,000 faults per small-moe step, in bursts). At most MOEKIT_CPU_CACHE_LIMIT_MB
-       (default 4096) is held free; `moekit.kernels.cpu_cache_empty()` returns it.
+       (default 4096, or a quarter of RAM if less) is held free; `moekit.kernels.cpu_cache_empty()`
+       returns it.
 
     `moekit train` and the inference engine call this; MOEKIT_RETAIN_MEMORY=0 opts out. `on=False`
     sets glibc's usual steady state again and puts torch's previous allocator back. Returns

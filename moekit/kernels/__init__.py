@@ -301,6 +301,16 @@ def decode_attention(q_BHd: torch.Tensor, k_BGLd: torch.Tensor, v_BGLd: torch.Te
                                     pos_B.to(torch.int64).contiguous(), float(scale))
 
 
+def default_cache_limit_mb() -> int:
+    """Free bytes the caching CPU allocator may hold by default: 4 GiB, or a quarter of physical
+    memory on smaller machines."""
+    try:
+        phys_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+    except (AttributeError, ValueError, OSError):
+        return 4096
+    return int(min(4096, phys_mb // 4))
+
+
 def cpu_cache(on: bool) -> bool:
     """Install (on) or remove torch's caching CPU allocator for blocks of 1 MiB and more (see
     `moekit.utils.retain_freed_memory`). Returns whether it is installed now; False without kernels."""
@@ -308,7 +318,7 @@ def cpu_cache(on: bool) -> bool:
     if mod is None:
         return False
     if on:
-        limit_mb = int(os.environ.get("MOEKIT_CPU_CACHE_LIMIT_MB", "4096"))
+        limit_mb = int(os.environ.get("MOEKIT_CPU_CACHE_LIMIT_MB", str(default_cache_limit_mb())))
         mod.cpu_cache_enable(1 << 20, max(0, limit_mb) << 20)
     else:
         mod.cpu_cache_disable()

@@ -38,17 +38,16 @@ class _CrossEntropyKernel(torch.autograd.Function):
     is a scalar (1 in training). Backward only scales it when that scalar is not 1."""
 
     @staticmethod
-    def forward(ctx, logits_NV: torch.Tensor, target_N: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    def forward(ctx, logits_NV: torch.Tensor, target_N: torch.Tensor, ignore_index: int, want_grad: bool) -> torch.Tensor:
         count = int((target_N != ignore_index).sum())
-        loss_N, g_NV = kernels.cross_entropy_rows(logits_NV, target_N, ignore_index, 1.0 / max(count, 1),
-                                                  ctx.needs_input_grad[0])
+        loss_N, g_NV = kernels.cross_entropy_rows(logits_NV, target_N, ignore_index, 1.0 / max(count, 1), want_grad)
         ctx.save_for_backward(g_NV)
         return loss_N.sum() / max(count, 1)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (g_NV,) = ctx.saved_tensors
-        return (g_NV if bool(grad_out == 1) else g_NV * grad_out.to(g_NV.dtype)), None, None
+        return (g_NV if bool(grad_out == 1) else g_NV * grad_out.to(g_NV.dtype)), None, None, None
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -88,5 +87,7 @@ class _CrossEntropy(torch.autograd.Function):
 def cross_entropy(logits_NV: torch.Tensor, target_N: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy over positions whose target is not `ignore_index` (float32 scalar)."""
     if kernels.train_usable(logits_NV) and logits_NV.is_contiguous():
-        return _CrossEntropyKernel.apply(logits_NV, target_N, ignore_index)
+        # Decided here: inside forward autograd is off, and eval (no_grad) must not pay for a gradient.
+        want_grad = torch.is_grad_enabled() and logits_NV.requires_grad
+        return _CrossEntropyKernel.apply(logits_NV, target_N, ignore_index, want_grad)
     return _CrossEntropy.apply(logits_NV, target_N, ignore_index)

@@ -128,9 +128,11 @@ def _rope_kernel(x_BHSR: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Ten
     autograd, heads not contiguous in the [B, S, H, R] layout the fused QKV projection gives, or no
     kernels. The result is in x's dtype (the reference promotes to the tables' dtype, which
     autocast's matmuls cast straight back)."""
+    if not (torch.is_grad_enabled() and x_BHSR.requires_grad):
+        return None  # inference: nothing to do here (decode pays for every op it adds)
     B, H, S, R = x_BHSR.shape
     x_BSHR = x_BHSR.transpose(1, 2)
-    if not (torch.is_grad_enabled() and x_BHSR.requires_grad and R % 2 == 0 and cos_BSR.shape[-1] == R
+    if not (R % 2 == 0 and cos_BSR.shape[-1] == R
             and x_BSHR.stride(-1) == 1 and x_BSHR.stride(-2) == R and x_BSHR.stride(0) == S * x_BSHR.stride(1)
             and kernels.train_usable(x_BHSR, cos_BSR, sin_BSR)):
         return None
