@@ -1,16 +1,22 @@
-// moekit CPU training kernels: fused cross-entropy, causal softmax forward/backward and rotary
-// embedding, each one pass over rows in float32 registers, threaded with at::parallel_for.
-// Compiled into the same module as moe_cpu.cpp (it follows that file: exp16, store16, load16).
+// moekit CPU training kernels, each one pass over rows in float32 registers (forward and
+// backward), threaded with at::parallel_for: fused cross-entropy, causal softmax, rotary embedding,
+// RMSNorm, and for the MoE layer the weighted combine / gather backward, the combine backward and
+// the SwiGLU backward. Compiled into the same module as moe_cpu.cpp (it follows that file: exp16,
+// store16, load16).
 //
-// Shape legend: N rows (target positions, or query rows of all heads), V vocabulary, S queries,
-// L keys, C row stride of a strided input, P rotary heads, d head dim, h = d / 2.
+// Shape legend: N rows (target positions, query rows of all heads, or tokens), V vocabulary,
+// S queries (attention) or rows grouped by expert (MoE), L keys, C row stride of a strided input,
+// P rotary heads, d head dim, h = d / 2, T tokens, D model dim, K experts per token, F expert
+// hidden dim.
 //
 // Why: on a 2-core CPU, a small MoE's training step (small-moe, B16 x S256, bf16 autocast) spent
 // more time in the elementwise ops around its GEMMs than in the GEMMs' own share of the gap to
 // transformers: ATen runs cross-entropy over [4096, 8192] logits as an upcast copy, a log_softmax
 // and (in backward) a second softmax pass and a downcast copy; causal attention's scores go through
 // masked_fill, an upcast copy, a scale, softmax and a downcast, and as many passes backward; rotary
-// embedding is two cats, three multiplies and an add on strided views. Each becomes one pass here.
+// embedding is two cats, three multiplies and an add on strided views; RMSNorm is six ops forward
+// and ten backward; the MoE combine is a float32 multiply, casts, a permutation and a sum over k.
+// Each becomes one pass here.
 namespace {
 
 // Rows ahead to software-prefetch in the row-wise training kernels whose inputs come cold from
@@ -48,7 +54,7 @@ void cross_entropy_impl(const T* x, const int64_t* tgt, int64_t N, int64_t V, in
       const bool ahead = r + 1 < hi;
       for (int64_t j = 0; j < V; j += 16) {
         const __mmask16 m = tail_mask(V - j);
-        if (ahead && (j & 31) == 0) _mm_prefetch((const char*)(xr + V + j), _MM_HINT_T0);  // next row
+        if (ahead && (j * (int64_t)sizeof(T)) % 64 == 0) _mm_prefetch((const char*)(xr + V + j), _MM_HINT_T0);  // next row
         mx = _mm512_mask_max_ps(mx, m, mx, load16m(xr + j, m));
       }
       const float xmax = _mm512_reduce_max_ps(mx);
