@@ -1,13 +1,17 @@
 """Optional compiled CPU kernels, with the pure-PyTorch path as the always-correct fallback.
 
 Shape legend: T tokens, D model dim, F expert hidden, H = 2F (gated) or F, E experts, S rows sorted
-by expert, M rows of a small linear, N its outputs.
+by expert, A = T*K assignments, M rows of a small linear, N its outputs (in the inference
+kernels) or rows (in the training kernels: cross-entropy, rotary, RMSNorm), V vocabulary, P heads,
+d head dim, L keys.
 
-`moe_cpu.cpp` is compiled on first use with `torch.utils.cpp_extension.load_inline` (needs a C++
-compiler and ninja; ~30 s once, then cached under torch's extension directory). Nothing here is
-required: when the CPU lacks AVX512-BF16, the build fails, autograd needs the graph, the tensors
-live on another device, or `MOEKIT_KERNELS=0` is set, `available()` is False and callers use
-F.linear. Kernels run only under no-grad: they have no backward.
+One module, compiled on first use from `moe_cpu.cpp` (inference), `train_cpu.cpp` (training) and
+`alloc_cpu.cpp` (the caching CPU allocator) with `torch.utils.cpp_extension.load_inline` (needs a
+C++ compiler and ninja; ~30 s once, then cached under torch's extension directory). Nothing here is
+required: when the CPU lacks AVX512-BF16, the build fails, the tensors live on another device, or
+`MOEKIT_KERNELS=0` is set, `available()` is False and callers use PyTorch ops. The inference
+kernels run only under no-grad (`usable`); the training kernels run inside autograd Functions
+that pair each with its backward kernel (`train_usable`).
 """
 
 from __future__ import annotations
@@ -155,10 +159,15 @@ def load():
             omp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
             _module = load_inline(
                 "moekit_cpu_kernels", cpp_sources=[src],
-                functions=["moe_experts", "moe_experts_topk", "linear_small", "decode_attention", "silu_mul",
-                           "combine_rows", "cross_entropy_rows", "causal_softmax_fwd", "causal_softmax_bwd", "rope_rows",
-                           "sum_rows", "combine_rows_backward", "silu_mul_backward", "rms_norm_fwd", "rms_norm_bwd",
-                           "cpu_cache_enable", "cpu_cache_disable", "cpu_cache_empty", "cpu_cache_stats"],
+                functions=[
+                    # inference (moe_cpu.cpp)
+                    "moe_experts", "moe_experts_topk", "linear_small", "decode_attention", "silu_mul", "combine_rows",
+                    # training (train_cpu.cpp)
+                    "cross_entropy_rows", "causal_softmax_fwd", "causal_softmax_bwd", "rope_rows", "sum_rows",
+                    "combine_rows_backward", "silu_mul_backward", "rms_norm_fwd", "rms_norm_bwd",
+                    # caching allocator (alloc_cpu.cpp)
+                    "cpu_cache_enable", "cpu_cache_disable", "cpu_cache_empty", "cpu_cache_stats",
+                ],
                 extra_cflags=["-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mavx512bf16", *omp],
                 verbose=False,
             )
@@ -368,7 +377,8 @@ def causal_softmax_backward(p_SL: torch.Tensor, dp_SL: torch.Tensor, scale: floa
         return _mod().causal_softmax_bwd(p_SL.contiguous(), dp_SL.contiguous(), float(scale))
 
 
-def rope_rows(x_NPd: torch.Tensor, cos_Nd: torch.Tensor, sin_Nd: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+def rope_rows(x_NPd: torch.Tensor, cos_Nd: torch.Tensor, sin_Nd: torch.Tensor,
+              inverse: bool = False) -> torch.Tensor:
     """Rotate-half rotary embedding of x [N, P, d] (heads contiguous, any row stride) with float32
     cos/sin [N, d]; inverse applies the transposed rotation (the gradient). Contiguous result."""
     with _traced("moekit::rope_rows"):

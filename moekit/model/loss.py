@@ -38,7 +38,8 @@ class _CrossEntropyKernel(torch.autograd.Function):
     is a scalar (1 in training). Backward only scales it when that scalar is not 1."""
 
     @staticmethod
-    def forward(ctx, logits_NV: torch.Tensor, target_N: torch.Tensor, ignore_index: int, want_grad: bool) -> torch.Tensor:
+    def forward(ctx, logits_NV: torch.Tensor, target_N: torch.Tensor, ignore_index: int,
+                want_grad: bool) -> torch.Tensor:
         count = int((target_N != ignore_index).sum())
         loss_N, g_NV = kernels.cross_entropy_rows(logits_NV, target_N, ignore_index, 1.0 / max(count, 1), want_grad)
         ctx.save_for_backward(g_NV)
