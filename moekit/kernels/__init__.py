@@ -225,9 +225,7 @@ def moe_experts(x_RD: torch.Tensor, w13_EHD: torch.Tensor, w2_EDF: torch.Tensor,
     scale_S[s] * y to float32 output row dst_S[s] (default s). Experts with count 0 are skipped,
     so a caller can hand some experts to another path. Returns the float32 [n_out, D] output.
     """
-    mod = load()
-    if mod is None:
-        raise RuntimeError("moekit CPU kernels are not available; check available() first")
+    mod = _mod()
     counts_E = counts_E.to("cpu", torch.int64).contiguous()
     if starts_E is None:
         starts_E = torch.cumsum(counts_E, 0) - counts_E
@@ -255,9 +253,7 @@ def moe_experts_topk(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
     both expert matmuls, the activation and the weighted combine. For decode-sized T, where the
     separate dispatch ops (argsort, bincount, gather, index arithmetic) cost more than the routing.
     """
-    mod = load()
-    if mod is None:
-        raise RuntimeError("moekit CPU kernels are not available; check available() first")
+    mod = _mod()
     with _traced("moekit::moe_experts"):
         return mod.moe_experts_topk(x_TD.contiguous(), topk_ids_TK.to(torch.int64).contiguous(),
                                     topk_weights_TK.to(torch.float32).contiguous(), w13_EHD.contiguous(),
@@ -266,9 +262,7 @@ def moe_experts_topk(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
 
 def linear(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     """x @ w.T for small M (decode), float32 result; same contract as F.linear without bias."""
-    mod = load()
-    if mod is None:
-        raise RuntimeError("moekit CPU kernels are not available; check available() first")
+    mod = _mod()
     lead = x_MK.shape[:-1]
     with _traced("moekit::linear_small"):
         out = mod.linear_small(x_MK.reshape(-1, x_MK.shape[-1]).contiguous(), w_NK.contiguous())
@@ -277,9 +271,7 @@ def linear(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
 
 def silu_mul(h_SH: torch.Tensor) -> torch.Tensor:
     """silu(h[..., :F]) * h[..., F:] for the fused gate/up output [..., 2F], in h's dtype (one pass)."""
-    mod = load()
-    if mod is None:
-        raise RuntimeError("moekit CPU kernels are not available; check available() first")
+    mod = _mod()
     lead = h_SH.shape[:-1]
     with _traced("moekit::silu_mul"):
         out = mod.silu_mul(h_SH.reshape(-1, h_SH.shape[-1]).contiguous())
@@ -290,9 +282,7 @@ def combine_rows(y_SD: torch.Tensor, inv_A: torch.Tensor, scale_S: torch.Tensor,
                  top_k: int) -> torch.Tensor:
     """out_TD[t] += sum over k of scale_S[s] * y_SD[s], s = inv_A[t * top_k + k] (s < 0: skipped), in
     place on the float32 out_TD: expert outputs weighted back into token order in one pass."""
-    mod = load()
-    if mod is None:
-        raise RuntimeError("moekit CPU kernels are not available; check available() first")
+    mod = _mod()
     with _traced("moekit::combine_rows"):
         mod.combine_rows(y_SD.contiguous(), inv_A.contiguous(), scale_S.float().contiguous(), out_TD, top_k)
     return out_TD
@@ -302,9 +292,7 @@ def decode_attention(q_BHd: torch.Tensor, k_BGLd: torch.Tensor, v_BGLd: torch.Te
                      scale: float) -> torch.Tensor:
     """One query per row: softmax(q . k / sqrt) . v over keys 0..pos_B[b] of the whole-cache tensors
     k_BGLd / v_BGLd (grouped-query: head h reads kv head h // (H / G)); float32 [B, H, d]."""
-    mod = load()
-    if mod is None:
-        raise RuntimeError("moekit CPU kernels are not available; check available() first")
+    mod = _mod()
     with _traced("moekit::decode_attention"):
         return mod.decode_attention(q_BHd.contiguous(), k_BGLd.contiguous(), v_BGLd.contiguous(),
                                     pos_B.to(torch.int64).contiguous(), float(scale))
@@ -348,6 +336,7 @@ def cpu_cache_stats() -> dict[str, int]:
 
 
 def _mod():
+    """The compiled module, or a clear error for callers that skipped `available()`."""
     mod = load()
     if mod is None:
         raise RuntimeError("moekit CPU kernels are not available; check available() first")
