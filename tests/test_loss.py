@@ -7,19 +7,30 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from moekit import kernels
 from moekit.model import loss as loss_mod
 from moekit.model.loss import cross_entropy
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ignore", [False, True])
-@pytest.mark.parametrize("rows_per_block", [None, 1, 5])
-def test_matches_torch_cross_entropy(monkeypatch, dtype, ignore, rows_per_block):
-    """Whole-tensor and row-blocked passes (blocks of 1 and 5 rows, the last one partial)."""
-    if rows_per_block:
-        monkeypatch.setattr(loss_mod, "CHUNK_BYTES", 4 * 101 * rows_per_block)
+@pytest.mark.parametrize("path", ["kernel", "whole", 1, 5])
+@pytest.mark.parametrize("upstream", [1.0, 1.7])
+def test_matches_torch_cross_entropy(monkeypatch, dtype, ignore, path, upstream):
+    """The compiled kernel (loss and gradient in one forward pass) and the PyTorch path in one
+    whole-tensor block or row blocks of 1 and 5 rows (the last one partial); eval (no_grad) too."""
+    calls = []
+    if path == "kernel":
+        if not kernels.available():
+            pytest.skip("moekit CPU kernels not buildable here")
+        orig = kernels.cross_entropy_rows
+        monkeypatch.setattr(kernels, "cross_entropy_rows", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    else:
+        monkeypatch.setenv("MOEKIT_KERNELS", "0")
+        if path != "whole":
+            monkeypatch.setattr(loss_mod, "CHUNK_BYTES", 4 * 101 * path)
     torch.manual_seed(0)
-    N, V = 37, 101
+    N, V = 37, 101  # V not a multiple of 16: the kernel's masked tails
     logits = (torch.randn(N, V) * 4).to(dtype)
     target = torch.randint(0, V, (N,))
     if ignore:
@@ -29,12 +40,14 @@ def test_matches_torch_cross_entropy(monkeypatch, dtype, ignore, rows_per_block)
     la = cross_entropy(a, target)
     lb = F.cross_entropy(b.float(), target, ignore_index=-100)
     assert_close(la, lb)
-    g = torch.tensor(1.7)
-    (la * g).backward()
-    (lb * g).backward()
+    (la * upstream).backward()
+    (lb * upstream).backward()
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-2)
     assert_close(a.grad.float(), b.grad.float(), **tol)
     assert a.grad.dtype == dtype
+    with torch.no_grad():
+        assert_close(cross_entropy(logits, target), lb.detach())
+    assert bool(calls) == (path == "kernel")
 
 
 def test_all_ignored_is_zero_not_nan():

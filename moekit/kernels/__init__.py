@@ -44,6 +44,16 @@ def has_amx() -> bool:
     return "amx_bf16" in _cpu_flags()
 
 
+def _rows_threshold(dtype: torch.dtype, bf16_rows: int, fp32_rows: int) -> int:
+    """MOEKIT_KERNEL_MAX_ROWS if set; else the GEMV range for bf16 on AMX CPUs; else the measured value."""
+    env = os.environ.get("MOEKIT_KERNEL_MAX_ROWS")
+    if env:
+        return int(env)
+    if dtype is torch.bfloat16:
+        return GEMV_ROWS if has_amx() else bf16_rows
+    return fp32_rows
+
+
 def max_rows(dtype: torch.dtype) -> int:
     """Rows per expert up to which the compiled kernel runs an expert FFN (MoE experts, and the
     dense FFN as one expert) on this CPU; above it, F.linear (oneDNN bf16 / MKL fp32).
@@ -57,12 +67,7 @@ def max_rows(dtype: torch.dtype) -> int:
     because MKL's sgemm takes a non-AVX-512 path on AMD CPUs. Hence 64 and 512. Re-measure on
     other CPUs; override with MOEKIT_KERNEL_MAX_ROWS.
     """
-    env = os.environ.get("MOEKIT_KERNEL_MAX_ROWS")
-    if env:
-        return int(env)
-    if dtype is torch.bfloat16 and has_amx():
-        return GEMV_ROWS
-    return 64 if dtype is torch.bfloat16 else 512
+    return _rows_threshold(dtype, bf16_rows=64, fp32_rows=512)
 
 
 def max_linear_rows(dtype: torch.dtype) -> int:
@@ -73,12 +78,7 @@ def max_linear_rows(dtype: torch.dtype) -> int:
     without an expert's Python ops around it); fp32 wins at every size up to 128 rows (26 vs
     55 ms), MKL on AMD again. MOEKIT_KERNEL_MAX_ROWS overrides this too.
     """
-    env = os.environ.get("MOEKIT_KERNEL_MAX_ROWS")
-    if env:
-        return int(env)
-    if dtype is torch.bfloat16 and has_amx():
-        return GEMV_ROWS
-    return 16 if dtype is torch.bfloat16 else 128
+    return _rows_threshold(dtype, bf16_rows=16, fp32_rows=128)
 
 
 def fused_ok(x_TD: torch.Tensor, act: str, module: torch.nn.Module, *weights: torch.Tensor) -> bool:

@@ -11,7 +11,8 @@
 // contiguous slice of every expert's weights once, one row at a time with software prefetch, and
 // all rows of an expert (up to 8 per pass) reuse each weight row while it is in registers/L1.
 // Experts with more rows run register tiles (4 weight rows x 4 token rows) instead: compute-bound
-// sizes. Also here: a fused SiLU x up and the weighted combine for experts left to oneDNN.
+// sizes. Also here: a fused SiLU x up for experts left to oneDNN (their weighted combine,
+// `combine_rows`, shares one loop with the training combine in train_cpu.cpp).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -623,40 +624,4 @@ torch::Tensor silu_mul(torch::Tensor h) {
   else if (h.scalar_type() == torch::kFloat32) run(h.data_ptr<float>(), out.data_ptr<float>());
   else TORCH_CHECK(false, "silu_mul: dtype must be bfloat16 or float32");
   return out;
-}
-
-// out[t] += sum_k scale[s] * y[s] with s = inv[t * K + k], skipping s < 0: the weighted combine of
-// expert outputs back into token order in one pass, float32 in registers. y [S, D] bf16/fp32,
-// inv [T*K] int64, scale [S] float32, out [T, D] float32. Threads own tokens (no write races).
-void combine_rows(torch::Tensor y, torch::Tensor inv, torch::Tensor scale, torch::Tensor out, int64_t K) {
-  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && out.is_contiguous() && inv.is_contiguous() && scale.is_contiguous(),
-              "combine_rows: contiguous y [S, D], inv [T*K], scale [S], out [T, D] expected");
-  TORCH_CHECK(inv.scalar_type() == torch::kInt64 && scale.scalar_type() == torch::kFloat32 &&
-              out.scalar_type() == torch::kFloat32, "combine_rows: inv int64, scale and out float32");
-  const int64_t S = y.size(0), D = y.size(1), T = out.size(0);
-  TORCH_CHECK(out.size(1) == D && inv.numel() == T * K && scale.numel() == S, "combine_rows: shape mismatch");
-  const int64_t* iv = inv.data_ptr<int64_t>();
-  const float* sc = scale.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  for (int64_t a = 0; a < T * K; ++a) TORCH_CHECK(iv[a] < S, "combine_rows: row ", iv[a], " out of range");
-  auto run = [&](auto* yp) {
-    using T_ = std::remove_pointer_t<decltype(yp)>;
-    at::parallel_for(0, T, 16, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) {
-        float* o = op + t * D;
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t s = iv[t * K + k];
-          if (s < 0) continue;
-          const __m512 w = _mm512_set1_ps(sc[s]);
-          const T_* yr = yp + s * D;
-          int64_t d = 0;
-          for (; d + 16 <= D; d += 16) _mm512_storeu_ps(o + d, _mm512_fmadd_ps(w, load16(yr + d), _mm512_loadu_ps(o + d)));
-          for (; d < D; ++d) o[d] += sc[s] * (float)yr[d];
-        }
-      }
-    });
-  };
-  if (y.scalar_type() == torch::kBFloat16) run(y.data_ptr<bf16>());
-  else if (y.scalar_type() == torch::kFloat32) run(y.data_ptr<float>());
-  else TORCH_CHECK(false, "combine_rows: dtype must be bfloat16 or float32");
 }

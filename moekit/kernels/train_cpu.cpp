@@ -1,7 +1,7 @@
 // moekit CPU training kernels, each one pass over rows in float32 registers (forward and
 // backward), threaded with at::parallel_for: fused cross-entropy, causal softmax, rotary embedding,
 // RMSNorm, and for the MoE layer the weighted combine / gather backward, the combine backward and
-// the SwiGLU backward. Compiled into the same module as moe_cpu.cpp (it follows that file: exp16,
+// the SwiGLU backward. The inference combine (`combine_rows`) shares the weighted row sum. Compiled into the same module as moe_cpu.cpp (it follows that file: exp16,
 // store16, load16).
 //
 // Shape legend: N rows (target positions, query rows of all heads, or tokens), V vocabulary,
@@ -256,6 +256,61 @@ torch::Tensor rope_rows(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, d
 
 // ---- MoE training: gather backward / combine forward, combine backward, SwiGLU backward ----
 
+namespace {
+
+// out[t] = (ACC ? out[t] : 0) + sum_k scale[s] * y[s] over s = inv[t * K + k] (s < 0 skipped; no
+// scale = 1), float32 in registers. Threads own tokens (no write races). With ACC the terms are
+// added to out[t] one k at a time, in order.
+template <bool ACC, typename TY, typename TO>
+void weighted_row_sum(const TY* yp, const int64_t* iv, const float* sc, int64_t T, int64_t K, int64_t D, TO* op) {
+  at::parallel_for(0, T, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      if (t + kRowsAhead < hi)  // gathered rows: no hardware prefetcher can guess them
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t s = iv[(t + kRowsAhead) * K + k];
+          if (s >= 0) prefetch_bytes(yp + s * D, D * (int64_t)sizeof(TY));
+        }
+      for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 m = tail_mask(D - d);
+        __m512 acc = ACC ? load16m(op + t * D + d, m) : _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t s = iv[t * K + k];
+          if (s < 0) continue;
+          const __m512 v = load16m(yp + s * D + d, m);
+          acc = sc ? _mm512_fmadd_ps(_mm512_set1_ps(sc[s]), v, acc) : _mm512_add_ps(acc, v);
+        }
+        store16(op + t * D + d, acc, m);
+      }
+    }
+  });
+}
+
+void check_rows(const torch::Tensor& inv, int64_t S, const char* name) {
+  const int64_t* iv = inv.data_ptr<int64_t>();
+  for (int64_t a = 0; a < inv.numel(); ++a) TORCH_CHECK(iv[a] < S, name, ": row ", iv[a], " out of range");
+}
+
+}  // namespace
+
+// out[t] += sum_k scale[s] * y[s] with s = inv[t * K + k], skipping s < 0: the weighted combine of
+// expert outputs back into token order in one pass (inference, experts left to oneDNN). y [S, D]
+// bf16/fp32, inv [T*K] int64, scale [S] float32, out [T, D] float32, added to in place.
+void combine_rows(torch::Tensor y, torch::Tensor inv, torch::Tensor scale, torch::Tensor out, int64_t K) {
+  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && out.is_contiguous() && inv.is_contiguous() && scale.is_contiguous(),
+              "combine_rows: contiguous y [S, D], inv [T*K], scale [S], out [T, D] expected");
+  TORCH_CHECK(inv.scalar_type() == torch::kInt64 && scale.scalar_type() == torch::kFloat32 &&
+              out.scalar_type() == torch::kFloat32, "combine_rows: inv int64, scale and out float32");
+  const int64_t S = y.size(0), D = y.size(1), T = out.size(0);
+  TORCH_CHECK(out.size(1) == D && inv.numel() == T * K && scale.numel() == S, "combine_rows: shape mismatch");
+  check_rows(inv, S, "combine_rows");
+  const int64_t* iv = inv.data_ptr<int64_t>();
+  const float* sc = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (y.scalar_type() == torch::kBFloat16) weighted_row_sum<true>(y.data_ptr<bf16>(), iv, sc, T, K, D, op);
+  else if (y.scalar_type() == torch::kFloat32) weighted_row_sum<true>(y.data_ptr<float>(), iv, sc, T, K, D, op);
+  else TORCH_CHECK(false, "combine_rows: dtype must be bfloat16 or float32");
+}
+
 // out[t] = sum_k scale[s] * y[s] over s = inv[t * K + k] (s < 0 skipped; no scale = 1), float32
 // accumulation, in y's dtype. Combine forward (scaled) and the gather's backward (unscaled).
 torch::Tensor sum_rows(torch::Tensor y, torch::Tensor inv, torch::Tensor scale, int64_t K) {
@@ -265,35 +320,14 @@ torch::Tensor sum_rows(torch::Tensor y, torch::Tensor inv, torch::Tensor scale, 
   TORCH_CHECK(!scaled || (scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == y.size(0)),
               "sum_rows: scale must be float32 [S]");
   const int64_t S = y.size(0), D = y.size(1), T = inv.numel() / K;
+  check_rows(inv, S, "sum_rows");
   const int64_t* iv = inv.data_ptr<int64_t>();
-  for (int64_t a = 0; a < T * K; ++a) TORCH_CHECK(iv[a] < S, "sum_rows: row ", iv[a], " out of range");
   const float* sc = scaled ? scale.data_ptr<float>() : nullptr;
   auto out = torch::empty({T, D}, y.options());
-  auto run = [&](auto* yp, auto* op) {
-    using T_ = std::remove_pointer_t<decltype(yp)>;
-    at::parallel_for(0, T, 16, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) {
-        if (t + kRowsAhead < hi)  // gathered rows: no hardware prefetcher can guess them
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t s = iv[(t + kRowsAhead) * K + k];
-            if (s >= 0) prefetch_bytes(yp + s * D, D * (int64_t)sizeof(*yp));
-          }
-        for (int64_t d = 0; d < D; d += 16) {
-          const __mmask16 m = tail_mask(D - d);
-          __m512 acc = _mm512_setzero_ps();
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t s = iv[t * K + k];
-            if (s < 0) continue;
-            const __m512 v = load16m(yp + s * D + d, m);
-            acc = sc ? _mm512_fmadd_ps(_mm512_set1_ps(sc[s]), v, acc) : _mm512_add_ps(acc, v);
-          }
-          store16(op + t * D + d, acc, m);
-        }
-      }
-    });
-  };
-  if (y.scalar_type() == torch::kBFloat16) run(y.data_ptr<bf16>(), out.data_ptr<bf16>());
-  else if (y.scalar_type() == torch::kFloat32) run(y.data_ptr<float>(), out.data_ptr<float>());
+  if (y.scalar_type() == torch::kBFloat16)
+    weighted_row_sum<false>(y.data_ptr<bf16>(), iv, sc, T, K, D, out.data_ptr<bf16>());
+  else if (y.scalar_type() == torch::kFloat32)
+    weighted_row_sum<false>(y.data_ptr<float>(), iv, sc, T, K, D, out.data_ptr<float>());
   else TORCH_CHECK(false, "sum_rows: dtype must be bfloat16 or float32");
   return out;
 }

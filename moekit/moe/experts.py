@@ -8,6 +8,8 @@ Weights follow F.linear's [out, in] layout so each expert slice feeds oneDNN/MKL
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -115,7 +117,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         S, D = x.shape
         h_SH = x.new_empty(S, w13.shape[1])
         y_SD = x.new_empty(S, D)
-        spans = [(e, a, a + n) for e, n, a in zip(range(len(padded)), padded, _starts(padded)) if n]
+        spans = [(e, a - n, a) for e, (n, a) in enumerate(zip(padded, itertools.accumulate(padded))) if n]
         for e, a, b in spans:
             torch.mm(x[a:b], w13[e].t(), out=h_SH[a:b])
         a_SF = kernels.silu_mul(h_SH)
@@ -153,14 +155,6 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
 ROW_ALIGN = 64
 """Row-count granularity of the CPU training experts' GEMMs (see _GroupedSwiGLU.forward)."""
-
-
-def _starts(counts: list[int]) -> list[int]:
-    out, a = [], 0
-    for n in counts:
-        out.append(a)
-        a += n
-    return out
 
 
 class GroupedExperts(nn.Module):
