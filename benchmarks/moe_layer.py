@@ -118,7 +118,7 @@ def build(shape: Shape, dtype: torch.dtype, gib: float):
     per_block = (3 * shape.experts * shape.hidden * shape.dim + shape.experts * shape.dim) * dtype.itemsize
     n = max(2, math.ceil(gib * 2**30 / per_block))
     hcfg, cls = hf_block(shape)
-    ours, theirs = [], []
+    ours, theirs, pack_s = [], [], []
     for i in range(n):
         torch.manual_seed(i)
         layer = MoELayer(shape.dim, mcfg).to(dtype).eval()
@@ -129,9 +129,12 @@ def build(shape: Shape, dtype: torch.dtype, gib: float):
         hf.gate.weight = layer.router.weight
         hf.experts.gate_up_proj = layer.experts.w13
         hf.experts.down_proj = layer.experts.w2
+        t0 = time.perf_counter()
+        if layer.experts.pack():  # bf16: moekit's CPU inference form (packed copy beside the weights)
+            pack_s.append(time.perf_counter() - t0)
         ours.append(layer)
         theirs.append(hf)
-    return ours, theirs, hcfg, per_block
+    return ours, theirs, hcfg, statistics.median(pack_s) if pack_s else None
 
 
 def time_interleaved(impls: dict, x, min_time: float) -> dict[str, float]:
@@ -162,6 +165,28 @@ def _hf_call(block, cfg, impl):
     return call
 
 
+def _plain_call(layer):
+    def call(x):
+        layer.experts.use_packed = False
+        try:
+            return layer(x)[0]
+        finally:
+            layer.experts.use_packed = True
+    return call
+
+
+PROBE_MIB = 128
+_probe: list[torch.Tensor] = []
+
+
+def bandwidth_probe() -> list:
+    """Two calls that each sum a float32 buffer of PROBE_MIB MiB from DRAM: timed round-robin with
+    the implementations, they give the read bandwidth at the moment of each point."""
+    if not _probe:
+        _probe.extend(torch.ones(PROBE_MIB * 2**20 // 4) for _ in range(2))
+    return [lambda x, b=b: b.sum() for b in _probe]
+
+
 def run_point(shape, dtype, T, ours, theirs, hcfg, bw, peak, min_time) -> dict:
     D, F_, E, K = shape.dim, shape.hidden, shape.experts, shape.top_k
     torch.manual_seed(1000 + T)
@@ -171,11 +196,18 @@ def run_point(shape, dtype, T, ours, theirs, hcfg, bw, peak, min_time) -> dict:
     elt = dtype.itemsize
     bytes_ = touched * 3 * F_ * D * elt + E * D * elt
     flops = 2 * T * K * 3 * F_ * D + 2 * T * D * E
-    bound = max(bytes_ / bw, flops / peak)
     impls = {"moekit": [lambda x, m=m: m(x)[0] for m in ours]}
+    if ours[0].experts._packed is not None:  # the same layers on the row-major weights
+        impls["moekit_plain"] = [_plain_call(m) for m in ours]
     for impl in ["eager", "grouped_mm"] + (["batched_mm"] if T <= 8 else []):
         impls[f"hf_{impl}"] = [_hf_call(b, hcfg, impl) for b in theirs]
+    impls["_bandwidth"] = bandwidth_probe()
     times = time_interleaved(impls, x, min_time)
+    # The bound's bandwidth is the better of this point's probe (same moments as the calls) and the
+    # run-wide measurement: on this VM the bandwidth drifts by 20-50% within minutes.
+    bw_point = PROBE_MIB * 2**20 / times.pop("_bandwidth")
+    bw = max(bw, bw_point)
+    bound = max(bytes_ / bw, flops / peak)
     best_hf = min((k for k in times if k.startswith("hf_")), key=times.get)
     # Same weights, same routing rule: the outputs must agree (sanity check of the comparison).
     y_ours = ours[0](x)[0].float()
@@ -185,11 +217,23 @@ def run_point(shape, dtype, T, ours, theirs, hcfg, bw, peak, min_time) -> dict:
     return {
         "shape": shape.name, "dtype": str(dtype).removeprefix("torch."), "tokens": T,
         "experts_touched": touched, "bytes": bytes_, "flops": flops, "bound_ms": bound * 1e3,
+        "probe_bandwidth_GBps": bw_point / 1e9,
         "bound_kind": "memory" if bytes_ / bw >= flops / peak else "compute",
         "ms": {k: v * 1e3 for k, v in times.items()}, "best_hf": best_hf,
         "speedup_vs_best_hf": times[best_hf] / times["moekit"], "moekit_over_bound": times["moekit"] / bound,
         "best_hf_over_bound": times[best_hf] / bound, "max_rel_diff_vs_hf": rel_err,
     }
+
+
+def rebound(p: dict, bw: float, peak: float) -> None:
+    """Recompute a point's bound and ratios for the run-wide bandwidth bw (B/s; the point's own
+    probe if higher) and matmul peak (FLOP/s)."""
+    bw = max(bw, p.get("probe_bandwidth_GBps", 0.0) * 1e9)
+    bound = max(p["bytes"] / bw, p["flops"] / peak)
+    p["bound_ms"] = bound * 1e3
+    p["bound_kind"] = "memory" if p["bytes"] / bw >= p["flops"] / peak else "compute"
+    p["moekit_over_bound"] = p["ms"]["moekit"] / p["bound_ms"]
+    p["best_hf_over_bound"] = p["ms"][p["best_hf"]] / p["bound_ms"]
 
 
 def sweep_rows(dtypes: list[str], gib: float, min_time: float) -> list[dict]:
@@ -247,21 +291,34 @@ def write_markdown(res: dict, path: Path) -> None:
         "",
         f"Machine: {m['cpu']} ({', '.join(m['cpu_features'])}), {m['threads']} threads, torch {m['torch']}, "
         f"transformers {m['transformers']}, Python {m['python']}, moekit kernels built: {m['moekit_kernels']}.",
-        f"Measured in the same run: DRAM read bandwidth {res['bandwidth_GBps']:.1f} GB/s; matmul peak "
-        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in res["peak_GFLOPs"].items()) + ".",
+        f"Measured in the same run (the better of a measurement before and one after the points): DRAM read "
+        f"bandwidth {res['bandwidth_GBps']:.1f} GB/s, or a point's own probe where higher (a {PROBE_MIB} MiB sum "
+        "timed round-robin with the calls; column `probe GB/s`); matmul peak "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in res["peak_GFLOPs"].items())
+        + (f" (bandwidth before / after: {res['bandwidth_GBps_start_end'][0]:.1f} / "
+           f"{res['bandwidth_GBps_start_end'][1]:.1f} GB/s)" if "bandwidth_GBps_start_end" in res else "") + ".",
         "Bound = max(bytes of distinct experts touched + router / bandwidth, FLOPs / peak). "
         "`best HF` = fastest transformers experts backend at that point (eager, grouped_mm, batched_mm at T<=8).",
         "",
-        "| block | dtype | T | experts hit | bound ms (kind) | moekit ms | best HF ms (backend) | HF eager | HF grouped_mm "
-        "| moekit / bound | best HF / bound | moekit speedup |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "`moekit` = the layer on packed expert weights (`moekit.pack_experts`, `moekit generate --pack-experts`; "
+        "packing once per block took "
+        + ", ".join(f"{k} {v:.0f} ms" for k, v in res.get("pack_ms_per_block", {}).items())
+        + "); `moekit plain` = the same layers on the row-major weights alone (no packed copy: half the "
+        "expert memory).",
+        "",
+        "| block | dtype | T | experts hit | bound ms (kind) | moekit ms | moekit plain | best HF ms (backend) | HF eager "
+        "| HF grouped_mm | probe GB/s | moekit / bound | best HF / bound | moekit speedup |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in res["points"]:
         ms = p["ms"]
         lines.append(
             f"| {p['shape']} | {p['dtype']} | {p['tokens']} | {p['experts_touched']} | {p['bound_ms']:.2f} "
-            f"({p['bound_kind'][:3]}) | **{ms['moekit']:.2f}** | {ms[p['best_hf']]:.2f} ({p['best_hf'][3:]}) | "
-            f"{ms['hf_eager']:.2f} | {ms['hf_grouped_mm']:.2f} | {p['moekit_over_bound']:.2f}x | "
+            f"({p['bound_kind'][:3]}) | **{ms['moekit']:.2f}** | "
+            + (f"{ms['moekit_plain']:.2f}" if "moekit_plain" in ms else "-")
+            + f" | {ms[p['best_hf']]:.2f} ({p['best_hf'][3:]}) | "
+            f"{ms['hf_eager']:.2f} | {ms['hf_grouped_mm']:.2f} | {p.get('probe_bandwidth_GBps', float('nan')):.1f} | "
+            f"{p['moekit_over_bound']:.2f}x | "
             f"{p['best_hf_over_bound']:.2f}x | {p['speedup_vs_best_hf']:.2f}x |")
     pts = res["points"]
     slower = [p for p in pts if p["speedup_vs_best_hf"] < 1.0]
@@ -291,22 +348,27 @@ def write_markdown(res: dict, path: Path) -> None:
         lines.append("")
     lines += [
         "## How moekit runs the block on CPU (inference)", "",
-        "1. Router in float32, stable sort of the T*K assignments by expert, one gather of the rows.",
-        "2. Experts with at most `moekit.kernels.max_rows(dtype)` rows go to one call of the compiled kernel "
-        "(`moekit/kernels/moe_cpu.cpp`: AVX512-BF16 `vdpbf16ps` / AVX-512 FMA, gate+up+activation fused, each "
-        "OpenMP thread streams a contiguous slice of every expert's weights once, weighted scatter into a float32 "
-        "[T, D] accumulator with no atomics). An expert with up to 8 rows streams one weight row at a time with "
-        "software prefetch 4 KiB ahead and reuses it for all its rows (a GEMV: bandwidth-bound); one with more "
-        "rows runs register tiles of 4 weight rows x 4 token rows with a vectorised SiLU (compute-bound). At "
-        "decode sizes (T <= that threshold) the grouping itself happens inside the kernel (`moe_experts_topk`), "
-        "so the layer costs the router plus one call.",
-        "3. The remaining experts run as two GEMMs each (oneDNN bf16 / MKL fp32), the fused SiLU x up between them "
-        "(`kernels.silu_mul`), each writing its rows of one [S, D] buffer; one compiled pass (`kernels.combine_rows`) "
-        "then adds every token's weighted rows into the same float32 accumulator.",
-        "4. Training (autograd on) runs the experts as one autograd node on CPU (per-expert GEMMs into stacked "
-        "buffers, rows padded to 64 so oneDNN reuses its primitives, compiled SwiGLU and combine kernels both "
-        "ways); CUDA bf16 uses torch._grouped_mm. `MOEKIT_KERNELS=0` switches the kernels off; "
-        "`MOEKIT_KERNEL_MAX_ROWS=N` moves the threshold.", "",
+        "1. Router in float32; the T*K assignments grouped by expert (a counting sort inside the kernel call "
+        "on the packed path; a stable sort and one gather of the rows otherwise).",
+        "2. Packed weights (`moekit.pack_experts`; `moekit/kernels/packed_cpu.cpp`): for each group of 32 output "
+        "columns, each k-unit's 32 columns (a bf16 pair each for `vdpbf16ps`, or one float for FMA) in one "
+        "128-byte run, the reorder oneDNN does to its B operand on every call, done once. One call runs every "
+        "expert at any row count: register tiles of up to 14 tokens x 32 columns (28 float32 accumulators; "
+        "two weight vectors loaded and one broadcast per token per step, no horizontal sums), each OpenMP "
+        "thread streaming its contiguous share of every expert's packed weights once. An expert with more than "
+        "14 rows walks each column group in 16 KB chunks that stay in L1 for all its tiles while the tiles "
+        "prefetch the next chunk; the activation is fused after the first matmul and the weighted combine into "
+        "a float32 [T, D] accumulator after the second (threads own disjoint columns: no atomics).",
+        "3. Row-major weights alone (`moekit plain`): experts with at most `moekit.kernels.max_rows(dtype)` rows "
+        "go to one call of `moekit/kernels/moe_cpu.cpp` (a GEMV streaming each weight row once with software "
+        "prefetch for up to 8 rows; dot-product register tiles of 4 weight rows x 4 token rows above); the "
+        "others run as two GEMMs each (oneDNN bf16 / MKL fp32) with the fused SiLU x up between them and one "
+        "compiled weighted combine (`kernels.combine_rows`).",
+        "4. Training (autograd on) never uses the packed copy: it runs the experts as one autograd node on CPU "
+        "(per-expert GEMMs into stacked buffers, rows padded to 64 so oneDNN reuses its primitives, compiled "
+        "SwiGLU and combine kernels both ways); CUDA bf16 uses torch._grouped_mm. A packed copy whose weights "
+        "changed since packing is dropped, not used. `MOEKIT_KERNELS=0` switches the kernels off; "
+        "`MOEKIT_KERNEL_MAX_ROWS=N` moves the row-major threshold.", "",
         "Timings on a shared machine are noisy: calls of all implementations are interleaved round-robin so "
         "load hits them alike; compare ratios within one run, and rerun on a quiet machine for absolute numbers. "
         "The process keeps freed memory (`moekit.utils.retain_freed_memory`, as moekit's engine and trainer set "
@@ -337,6 +399,9 @@ def plot(res: dict, path: Path) -> None:
                 continue
             T = [p["tokens"] for p in pts]
             ax.plot(T, [p["moekit_over_bound"] for p in pts], style, marker="o", label=f"moekit {dt}")
+            if all("moekit_plain" in p["ms"] for p in pts):
+                ax.plot(T, [p["ms"]["moekit_plain"] / p["bound_ms"] for p in pts], style, marker=".",
+                        label=f"moekit plain layout {dt}")
             ax.plot(T, [p["best_hf_over_bound"] for p in pts], style, marker="x", label=f"best transformers {dt}")
         ax.axhline(1.5, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log", base=2)
@@ -403,7 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     for sname in args.shapes:
         shape = SHAPES[sname]
         for dt in dtypes:
-            ours, theirs, hcfg, per_block = build(shape, DTYPES[dt], args.gib)
+            ours, theirs, hcfg, pack_s = build(shape, DTYPES[dt], args.gib)
+            if pack_s is not None:
+                res.setdefault("pack_ms_per_block", {})[f"{sname} {dt}"] = pack_s * 1e3
             with torch.inference_mode():
                 for T in tokens:
                     p = run_point(shape, DTYPES[dt], T, ours, theirs, hcfg, bw, peaks[dt], args.min_time)
@@ -418,6 +485,18 @@ def main(argv: list[str] | None = None) -> int:
                     res["profiles"][f"moekit {sname} bf16 T={Tp}"] = profile_table(ours, x)
             del ours, theirs
     bar.close()
+    # The VM's bandwidth and clock drift by 20-50% within minutes: measure again at the end and bound
+    # every point with the better of the two (the stricter bound).
+    bw_end = measure_bandwidth()
+    peaks_end = {dt: measure_peak(DTYPES[dt]) for dt in dtypes}
+    res["bandwidth_GBps_start_end"] = [bw / 1e9, bw_end / 1e9]
+    res["peak_GFLOPs_start_end"] = {dt: [peaks[dt] / 1e9, peaks_end[dt] / 1e9] for dt in dtypes}
+    bw = max(bw, bw_end)
+    peaks = {dt: max(peaks[dt], peaks_end[dt]) for dt in dtypes}
+    res["bandwidth_GBps"] = bw / 1e9
+    res["peak_GFLOPs"] = {k: v / 1e9 for k, v in peaks.items()}
+    for p in res["points"]:
+        rebound(p, bw, peaks[p["dtype"]])
     if args.sweep_rows and kernels.available():
         with torch.inference_mode():
             res["sweep_rows"] = sweep_rows(dtypes, args.gib, args.min_time / 2)

@@ -7,7 +7,7 @@ from pathlib import Path
 from moekit.config import ConfigError, ModelConfig, MoEConfig
 from moekit.model.params import ParamCount, count_params, dense_equivalent
 from moekit.model.transformer import ModelOutput, Transformer, build_model
-from moekit.moe.layer import MoELayer, Routing
+from moekit.moe.layer import MoELayer, Routing, pack_experts
 from moekit.presets import get_preset, preset_names
 
 __version__ = "0.1.0"
@@ -39,6 +39,7 @@ def resolve_config(name_or_path: str | Path) -> ModelConfig:
 
 __all__ = [
     "ConfigError", "ModelConfig", "MoEConfig", "ModelOutput", "MoELayer", "ParamCount", "Routing", "Transformer",
-    "build_model", "count_params", "dense_equivalent", "get_preset", "load_model", "preset_names", "resolve_config",
+    "build_model", "count_params", "dense_equivalent", "get_preset", "load_model", "pack_experts", "preset_names",
+    "resolve_config",
     "save_model",
 ]

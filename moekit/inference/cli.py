@@ -7,6 +7,7 @@ The tokenizer lives at this edge only: a model directory's `tokenizer.json` (Hug
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Literal
@@ -14,6 +15,8 @@ from typing import Literal
 import torch
 
 from moekit.errors import MoekitError
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -83,7 +86,8 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
                  output: Path | None = None, batch_size: int = 8, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  seed: int = 0, stop: list[int] | None = None,
-                 dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto", threads: int = 0) -> int:
+                 dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto", threads: int = 0,
+                 pack_experts: bool = False) -> int:
     """Generate text (or token ids) from a model directory, .gguf file or preset.
 
     One --prompt streams its continuation to the terminal as it is produced; --prompts-file runs a
@@ -105,6 +109,8 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
         stop: token ids that end a sequence.
         dtype: weights dtype (auto = as stored; float32 for presets).
         threads: torch CPU threads (0 = torch's default).
+        pack_experts: pack the expert weights for the CPU outer-product kernel (faster prefill and
+            batches; the expert weights take twice the memory).
     """
     from moekit.checkpoint.native import atomic_write_text
     from moekit.inference.engine import Engine
@@ -125,7 +131,9 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
     # tokenizer.json beside the weights, else one the loader attached (e.g. embedded in a GGUF).
     tok = load_tokenizer(model) or getattr(m, "tokenizer", None)
     prompts = [encode(prompt, tok)] if prompt is not None else _read_prompts(Path(prompts_file), tok)
-    engine = Engine(m, max_batch_size=batch_size)
+    engine = Engine(m, max_batch_size=batch_size, pack_experts=pack_experts)
+    if pack_experts and not engine.packed_bytes:
+        log.warning("--pack-experts: nothing packed (needs bf16 or fp32 MoE weights on a CPU with the moekit kernels)")
 
     if prompt is not None:
         streamed: list[int] = []

@@ -5,8 +5,9 @@ by expert, A = T*K assignments, M rows of a small linear, N its outputs (in the 
 kernels) or rows (in the training kernels: cross-entropy, rotary, RMSNorm), V vocabulary, P heads,
 d head dim, L keys.
 
-One module, compiled on first use from `moe_cpu.cpp` (inference), `train_cpu.cpp` (training) and
-`alloc_cpu.cpp` (the caching CPU allocator) with `torch.utils.cpp_extension.load_inline` (needs a
+One module, compiled on first use from `moe_cpu.cpp` (inference), `packed_cpu.cpp` (inference on
+expert weights packed by `pack_experts`), `train_cpu.cpp` (training) and `alloc_cpu.cpp` (the
+caching CPU allocator) with `torch.utils.cpp_extension.load_inline` (needs a
 C++ compiler and ninja; ~30 s once, then cached under torch's extension directory). Nothing here is
 required: when the CPU lacks AVX512-BF16, the build fails, the tensors live on another device, or
 `MOEKIT_KERNELS=0` is set, `available()` is False and callers use PyTorch ops. The inference
@@ -21,6 +22,7 @@ import functools
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,7 +67,8 @@ def max_rows(dtype: torch.dtype) -> int:
     wins up to 64 rows (Mixtral-style 15.2 vs 18.3 ms, 64-expert block 18.1 vs 19.0 ms) and ties
     or loses from 128. fp32: it wins at every size measured, up to 512 rows (311 vs 366 ms),
     because MKL's sgemm takes a non-AVX-512 path on AMD CPUs. Hence 64 and 512. Re-measure on
-    other CPUs; override with MOEKIT_KERNEL_MAX_ROWS.
+    other CPUs; override with MOEKIT_KERNEL_MAX_ROWS. Layers with packed weights (`pack_experts`)
+    do not use this threshold: the packed kernel takes every expert above GEMV_ROWS rows.
     """
     return _rows_threshold(dtype, bf16_rows=64, fp32_rows=512)
 
@@ -147,7 +150,7 @@ def load():
 
             # One module: train_cpu.cpp follows moe_cpu.cpp and uses its vector helpers.
             src = "\n".join(Path(__file__).with_name(f).read_text()
-                            for f in ("moe_cpu.cpp", "train_cpu.cpp", "alloc_cpu.cpp"))
+                            for f in ("moe_cpu.cpp", "packed_cpu.cpp", "train_cpu.cpp", "alloc_cpu.cpp"))
             # Visible by default (WARNING reaches stderr without logging config): a first forward
             # that pauses for half a minute must say why. A cached build loads in about a second.
             if not _cached_build_exists():
@@ -162,6 +165,8 @@ def load():
                 functions=[
                     # inference (moe_cpu.cpp)
                     "moe_experts", "moe_experts_topk", "linear_small", "decode_attention", "silu_mul", "combine_rows",
+                    # inference on packed weights (packed_cpu.cpp)
+                    "moe_experts_packed", "moe_experts_topk_packed",
                     # training (train_cpu.cpp)
                     "cross_entropy_rows", "causal_softmax_fwd", "causal_softmax_bwd", "rope_rows", "sum_rows",
                     "combine_rows_backward", "silu_mul_backward", "rms_norm_fwd", "rms_norm_bwd",
@@ -258,6 +263,107 @@ def moe_experts_topk(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights
         return mod.moe_experts_topk(x_TD.contiguous(), topk_ids_TK.to(torch.int64).contiguous(),
                                     topk_weights_TK.to(torch.float32).contiguous(), w13_EHD.contiguous(),
                                     w2_EDF.contiguous(), ACTS[act])
+
+
+PACK_COLS = 32
+"""Columns per group of the packed expert layout (packed_cpu.cpp)."""
+
+
+@dataclass(frozen=True)
+class PackedExperts:
+    """Stacked expert weights re-laid for the outer-product bf16 kernel (`pack_experts`).
+
+    p13 [E, G1, D/2, 32, 2]: column group g of the first projection (gated: gate units 16g..16g+15
+    then up units 16g..16g+15; gelu: hidden units 32g..32g+31), k-pairs outermost; p2 [E, G2,
+    Fp/2, 32, 2]: output columns 32g..32g+31 over the padded hidden Fp. Padding is zero.
+    """
+
+    p13: torch.Tensor
+    p2: torch.Tensor
+    act: str
+    dim: int
+    hidden: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.p13.numel() * self.p13.element_size() + self.p2.numel() * self.p2.element_size()
+
+
+def packable(w13_EHD: torch.Tensor, w2_EDF: torch.Tensor, act: str) -> bool:
+    """Whether `pack_experts` applies: CPU weights in bf16 (with an even model dim) or fp32, and a
+    kernel activation."""
+    dt = w13_EHD.dtype
+    return (act in ACTS and dt in (torch.bfloat16, torch.float32) and w2_EDF.dtype == dt
+            and w13_EHD.device.type == "cpu" and (dt == torch.float32 or w13_EHD.shape[-1] % 2 == 0))
+
+
+@torch.no_grad()
+def pack_experts(w13_EHD: torch.Tensor, w2_EDF: torch.Tensor, act: str) -> PackedExperts:
+    """Re-lay stacked bf16 expert weights for `moe_experts_packed` (one copy; values unchanged).
+
+    vdpbf16ps multiplies pairs of bf16 along the reduction; the packed layout puts, for each group
+    of 32 output columns, each k-pair's 32 column pairs in one 128-byte run, so the kernel loads two
+    weight vectors and broadcasts one pair per token (no horizontal sums). The same reorder oneDNN
+    does to B on every GEMM call, done once.
+    """
+    if not packable(w13_EHD, w2_EDF, act):
+        raise ValueError(f"pack_experts needs CPU weights in fp32 or bf16 (bf16: an even model dim) and act in "
+                         f"{sorted(ACTS)}; "
+                         f"got {w13_EHD.dtype} on {w13_EHD.device}, dim {w13_EHD.shape[-1]}, act {act!r}")
+    E, H, D = w13_EHD.shape
+    F = w2_EDF.shape[-1]
+    C = PACK_COLS
+    u = 2 if w13_EHD.dtype == torch.bfloat16 else 1  # elements per k-unit: a bf16 pair, or one float
+    if act == "gelu":
+        G1 = -(-F // C)
+        w_EGCD = torch.nn.functional.pad(w13_EHD, (0, 0, 0, G1 * C - F)).view(E, G1, C, D)
+    else:  # gate and up units of the same 16 hidden units share a group
+        G1 = -(-F // 16)
+        pad = (0, 0, 0, G1 * 16 - F)
+        gate = torch.nn.functional.pad(w13_EHD[:, :F], pad).view(E, G1, 16, D)
+        up = torch.nn.functional.pad(w13_EHD[:, F:], pad).view(E, G1, 16, D)
+        w_EGCD = torch.cat([gate, up], dim=2)
+    Fp = G1 * (16 if act != "gelu" else C)
+    p13 = w_EGCD.view(E, G1, C, D // u, u).permute(0, 1, 3, 2, 4).contiguous()
+    G2 = -(-D // C)
+    w2p = torch.nn.functional.pad(w2_EDF, (0, Fp - F, 0, G2 * C - D))
+    p2 = w2p.view(E, G2, C, Fp // u, u).permute(0, 1, 3, 2, 4).contiguous()
+    return PackedExperts(p13, p2, act, D, F)
+
+
+def moe_experts_packed(x_RD: torch.Tensor, packed: PackedExperts, counts_E: torch.Tensor,
+                       starts_E: torch.Tensor | None = None, src_S: torch.Tensor | None = None,
+                       dst_S: torch.Tensor | None = None, scale_S: torch.Tensor | None = None,
+                       out_ND: torch.Tensor | None = None, n_out: int | None = None) -> torch.Tensor:
+    """`moe_experts` on packed weights (bf16 or fp32): same row contract, any rows per expert."""
+    mod = _mod()
+    counts_E = counts_E.to("cpu", torch.int64).contiguous()
+    if starts_E is None:
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+    starts_E = starts_E.to("cpu", torch.int64).contiguous()
+    if out_ND is None:
+        rows = n_out if n_out is not None else int((starts_E + counts_E).max()) if counts_E.numel() else 0
+        out_ND = torch.zeros(rows, packed.dim, dtype=torch.float32)
+    empty_i = torch.empty(0, dtype=torch.int64)
+    with _traced("moekit::moe_experts_packed"):
+        mod.moe_experts_packed(
+            x_RD.contiguous(), packed.p13, packed.p2, starts_E, counts_E,
+            empty_i if src_S is None else src_S.to(torch.int64).contiguous(),
+            empty_i if dst_S is None else dst_S.to(torch.int64).contiguous(),
+            torch.empty(0) if scale_S is None else scale_S.to(torch.float32).contiguous(),
+            out_ND, ACTS[packed.act],
+        )
+    return out_ND
+
+
+def moe_experts_topk_packed(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                            packed: PackedExperts) -> torch.Tensor:
+    """`moe_experts_topk` on packed weights (bf16 or fp32), float32 [T, D]."""
+    mod = _mod()
+    with _traced("moekit::moe_experts_packed"):
+        return mod.moe_experts_topk_packed(x_TD.contiguous(), topk_ids_TK.to(torch.int64).contiguous(),
+                                           topk_weights_TK.to(torch.float32).contiguous(), packed.p13, packed.p2,
+                                           ACTS[packed.act])
 
 
 def linear(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:

@@ -463,38 +463,53 @@ void moe_experts(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Te
     TORCH_CHECK(false, "moe_experts: dtype must be bfloat16 or float32");
 }
 
-// The same expert block straight from the router's top-k: ids [T, K] int64 and weights [T, K]
-// float32; returns out [T, D] float32 with out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]).
-// A counting sort by expert (stable in t*K+k, so the result does not depend on thread timing)
-// replaces the argsort/bincount/gather dispatch ops a decode step would otherwise pay per layer.
-torch::Tensor moe_experts_topk(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, torch::Tensor w13,
-                               torch::Tensor w2, int64_t act) {
+namespace {
+
+// The counting sort behind the top-k entry points: rows grouped by expert (stable in t*K+k, so the
+// result does not depend on thread timing), with each row's token and routing weight.
+struct TopkGroups {
+  torch::Tensor starts, counts, rows, scale;
+};
+
+TopkGroups topk_groups(const torch::Tensor& ids, const torch::Tensor& weights, int64_t E) {
   TORCH_CHECK(ids.scalar_type() == torch::kInt64 && weights.scalar_type() == torch::kFloat32,
               "moe_experts_topk: ids must be int64 and weights float32");
   TORCH_CHECK(ids.is_contiguous() && weights.is_contiguous() && ids.sizes() == weights.sizes() && ids.dim() == 2,
               "moe_experts_topk: ids and weights must be contiguous [T, K]");
-  const int64_t T = ids.size(0), K = ids.size(1), E = w13.size(0), A = T * K;
+  const int64_t K = ids.size(1), A = ids.numel();
   const int64_t* id = ids.data_ptr<int64_t>();
   const float* wt = weights.data_ptr<float>();
-  auto counts = torch::zeros({E}, torch::kInt64), starts = torch::empty({E}, torch::kInt64);
-  auto rows = torch::empty({A}, torch::kInt64), scale = torch::empty({A}, torch::kFloat32);
-  int64_t* c = counts.data_ptr<int64_t>();
-  int64_t* st = starts.data_ptr<int64_t>();
+  TopkGroups g{torch::empty({E}, torch::kInt64), torch::zeros({E}, torch::kInt64), torch::empty({A}, torch::kInt64),
+               torch::empty({A}, torch::kFloat32)};
+  int64_t* c = g.counts.data_ptr<int64_t>();
+  int64_t* st = g.starts.data_ptr<int64_t>();
   for (int64_t a = 0; a < A; ++a) {
     TORCH_CHECK(id[a] >= 0 && id[a] < E, "moe_experts_topk: expert id ", id[a], " out of range [0, ", E, ")");
     ++c[id[a]];
   }
   for (int64_t e = 0, run = 0; e < E; ++e) { st[e] = run; run += c[e]; }
   std::vector<int64_t> fill(st, st + E);
-  int64_t* r = rows.data_ptr<int64_t>();
-  float* sc = scale.data_ptr<float>();
+  int64_t* r = g.rows.data_ptr<int64_t>();
+  float* sc = g.scale.data_ptr<float>();
   for (int64_t a = 0; a < A; ++a) {
     const int64_t s = fill[id[a]]++;
     r[s] = a / K;  // the token: its input row and its output row
     sc[s] = wt[a];
   }
-  auto out = torch::zeros({T, w13.size(2)}, x.options().dtype(torch::kFloat32));
-  moe_experts(x, w13, w2, starts, counts, rows, rows, scale, out, act);
+  return g;
+}
+
+}  // namespace
+
+// The same expert block straight from the router's top-k: ids [T, K] int64 and weights [T, K]
+// float32; returns out [T, D] float32 with out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]).
+// The counting sort by expert replaces the argsort/bincount/gather dispatch ops a decode step would
+// otherwise pay per layer.
+torch::Tensor moe_experts_topk(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, torch::Tensor w13,
+                               torch::Tensor w2, int64_t act) {
+  auto g = topk_groups(ids, weights, w13.size(0));
+  auto out = torch::zeros({ids.size(0), w13.size(2)}, x.options().dtype(torch::kFloat32));
+  moe_experts(x, w13, w2, g.starts, g.counts, g.rows, g.rows, g.scale, out, act);
   return out;
 }
 

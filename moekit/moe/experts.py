@@ -9,12 +9,15 @@ Weights follow F.linear's [out, in] layout so each expert slice feeds oneDNN/MKL
 from __future__ import annotations
 
 import itertools
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moekit import kernels
+
+log = logging.getLogger(__name__)
 
 
 class _SiluMul(torch.autograd.Function):
@@ -168,6 +171,45 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         nn.init.normal_(self.w13, std=0.02)
         nn.init.normal_(self.w2, std=0.02)
+        self._packed: kernels.PackedExperts | None = None
+        self._packed_stamp: tuple = ()
+        self.use_packed = True
+        """Use the packed copy when there is one (False: the row-major paths, for comparisons)."""
+
+    def _stamp(self) -> tuple:
+        return (self.w13.data_ptr(), self.w13._version, self.w2.data_ptr(), self.w2._version)
+
+    def pack(self) -> int:
+        """Keep a copy of the expert weights packed for the CPU outer-product kernel
+        (`kernels.pack_experts`); CPU inference then runs every expert on it, at any batch size.
+        Returns the bytes it added (as much again as the expert weights: the plain copy stays for
+        training, saving and other devices). 0 when the weights are not packable (not bf16/fp32 on
+        CPU, odd dim in bf16, kernels unavailable)."""
+        if not (kernels.available() and kernels.packable(self.w13, self.w2, self.act)):
+            self._packed = None
+            return 0
+        self._packed = kernels.pack_experts(self.w13.detach(), self.w2.detach(), self.act)
+        self._packed_stamp = self._stamp()
+        return self._packed.nbytes
+
+    def unpack(self) -> None:
+        """Drop the packed copy."""
+        self._packed = None
+
+    def packed_for(self, x: torch.Tensor, counts: list[int] | None = None) -> kernels.PackedExperts | None:
+        """The packed weights if they apply to this inference call: rows of their dtype, no autograd
+        graph, some expert with more than GEMV_ROWS rows (below, the row-major GEMV is as fast),
+        and weights unchanged since `pack()` (an optimizer step or load_state_dict bumps their
+        version; the stale copy is dropped, not used)."""
+        if self._packed is None or not self.use_packed or x.dtype != self._packed.p13.dtype or not _inference(x, self):
+            return None
+        if counts is not None and max(counts, default=0) <= kernels.GEMV_ROWS:
+            return None
+        if self._stamp() != self._packed_stamp:
+            log.warning("moekit: expert weights changed since pack(); dropping the packed copy (call pack() again)")
+            self._packed = None
+            return None
+        return self._packed
 
     def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """One expert on a block of rows (views into the stacked weights: no copy)."""
@@ -217,10 +259,14 @@ class GroupedExperts(nn.Module):
         T, K, D = num_tokens, top_k, self.dim
         if x_SD.shape[0] == 0:
             return x_SD.new_zeros(T, D)
-        counts = counts_E.tolist()
-        small = self._small_experts(x_SD, counts)
         token_S = rows_S // K
         out_TD = torch.zeros(T, D, dtype=torch.float32, device=x_SD.device)
+        counts = counts_E.tolist()
+        packed = self.packed_for(x_SD, counts)
+        if packed is not None:  # every expert, any row count: one call
+            kernels.moe_experts_packed(x_SD, packed, counts_E, dst_S=token_S, scale_S=weights_S, out_ND=out_TD)
+            return out_TD.to(x_SD.dtype)
+        small = self._small_experts(x_SD, counts)
         if any(small):
             self._kernel(x_SD, counts, small, token_S, weights_S, out_TD)
         if any(n and not m for n, m in zip(counts, small)):
@@ -316,6 +362,9 @@ class GroupedExperts(nn.Module):
         #    streamed once, no per-expert Python ops), when the kernels are available;
         # 2. the others run as F.linear pairs (oneDNN) written into one preallocated buffer.
         S = x_SD.shape[0]
+        packed = self.packed_for(x_SD, counts)
+        if packed is not None:
+            return kernels.moe_experts_packed(x_SD, packed, torch.tensor(counts), n_out=S).to(x_SD.dtype)
         small = self._small_experts(x_SD, counts)
         if any(small):
             out_SD = self._kernel(x_SD, counts, small, None, None, x_SD.new_zeros(S, self.dim, dtype=torch.float32))
