@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -140,17 +141,26 @@ def build(shape: Shape, dtype: torch.dtype, gib: float):
 def time_interleaved(impls: dict, x, min_time: float) -> dict[str, float]:
     """Median seconds per call of each implementation. Calls are interleaved round-robin (one call
     of each per round) so that load from other processes hits all of them alike, and each call
-    takes the next copy of the block, so it reads cold weights."""
+    takes the next copy of the block in one sequence across implementations, so it reads cold
+    weights. (Until this session every implementation of a round took the same copy: the HF blocks,
+    which share moekit's weight tensors, then ran right after moekit on weights partly left in the
+    32 MB L3 by moekit's call, which favoured them at T=1.)"""
     names = list(impls)
     for name in names:  # warm-up: oneDNN primitive caches, first-touch allocations
         for fn in impls[name][:2]:
             fn(x)
     samples: dict[str, list[float]] = {n: [] for n in names}
-    r, t_start = 0, time.perf_counter()
-    while r < 3 or (time.perf_counter() - t_start < min_time * len(names) and r < 40):
-        for name in names:
+    r, calls, t_start = 0, 0, time.perf_counter()
+    while r < len(names) or (time.perf_counter() - t_start < min_time * len(names) and r < 40):
+        # A fresh (seeded) order every round, so no implementation always follows the same one: in a
+        # fixed or rotated order, the call right after the 128 MiB bandwidth probe ran ~0.15 ms
+        # slower at T=1 (the same moekit code path: 1.12 vs 0.96 ms).
+        order = names[:]
+        random.Random(r).shuffle(order)
+        for name in order:
             fns = impls[name]
-            fn = fns[(r + 2) % len(fns)]
+            fn = fns[calls % len(fns)]
+            calls += 1
             t0 = time.perf_counter()
             fn(x)
             samples[name].append(time.perf_counter() - t0)
