@@ -337,9 +337,10 @@ def write_markdown(res: dict, path: Path) -> None:
     fmt = lambda ps: ", ".join(f"{p['shape']} {p['dtype']} T={p['tokens']} ({p['speedup_vs_best_hf']:.2f}x vs HF, "
                                f"{p['moekit_over_bound']:.2f}x bound)" for p in ps) or "none"
     if any(p["moekit_over_bound"] < 1 or p["best_hf_over_bound"] < 1 for p in pts):
-        lines += ["", "**Warning:** some points run faster than their 'bound': the bandwidth and peak measured at the "
-                  "start of this run were depressed by other load on the machine, so the bound ratios of this run "
-                  "are not trustworthy; the side-by-side moekit / transformers ratios still are (interleaved calls)."]
+        lines += ["", "**Warning:** some points run faster than their 'bound': the measured bandwidth or matmul peak "
+                  "fell short of what those calls achieved (load from other processes during the probes, or probes "
+                  "that are not the best achievable on this machine), so the bound ratios of those points are "
+                  "optimistic; the side-by-side moekit / transformers ratios hold regardless (interleaved calls)."]
     lines += [
         "", "## Targets in this run", "",
         f"- At least as fast as the fastest transformers backend: {len(pts) - len(slower)}/{len(pts)} points; "

@@ -196,14 +196,11 @@ class GroupedExperts(nn.Module):
         """Drop the packed copy."""
         self._packed = None
 
-    def packed_for(self, x: torch.Tensor, counts: list[int] | None = None) -> kernels.PackedExperts | None:
+    def packed_for(self, x: torch.Tensor) -> kernels.PackedExperts | None:
         """The packed weights if they apply to this inference call: rows of their dtype, no autograd
-        graph, some expert with more than GEMV_ROWS rows (below, the row-major GEMV is as fast),
-        and weights unchanged since `pack()` (an optimizer step or load_state_dict bumps their
-        version; the stale copy is dropped, not used)."""
+        graph, and weights unchanged since `pack()` (an optimizer step or load_state_dict bumps
+        their version; the stale copy is dropped, not used)."""
         if self._packed is None or not self.use_packed or x.dtype != self._packed.p13.dtype or not _inference(x, self):
-            return None
-        if counts is not None and max(counts, default=0) <= kernels.GEMV_ROWS:
             return None
         if self._stamp() != self._packed_stamp:
             log.warning("moekit: expert weights changed since pack(); dropping the packed copy (call pack() again)")
@@ -262,7 +259,7 @@ class GroupedExperts(nn.Module):
         token_S = rows_S // K
         out_TD = torch.zeros(T, D, dtype=torch.float32, device=x_SD.device)
         counts = counts_E.tolist()
-        packed = self.packed_for(x_SD, counts)
+        packed = self.packed_for(x_SD)
         if packed is not None:  # every expert, any row count: one call
             kernels.moe_experts_packed(x_SD, packed, counts_E, dst_S=token_S, scale_S=weights_S, out_ND=out_TD)
             return out_TD.to(x_SD.dtype)
@@ -362,7 +359,7 @@ class GroupedExperts(nn.Module):
         #    streamed once, no per-expert Python ops), when the kernels are available;
         # 2. the others run as F.linear pairs (oneDNN) written into one preallocated buffer.
         S = x_SD.shape[0]
-        packed = self.packed_for(x_SD, counts)
+        packed = self.packed_for(x_SD)
         if packed is not None:
             return kernels.moe_experts_packed(x_SD, packed, torch.tensor(counts), n_out=S).to(x_SD.dtype)
         small = self._small_experts(x_SD, counts)
