@@ -64,11 +64,12 @@ def test_bench_cli_quick_writes_json_markdown_png(tmp_path):
     from moekit.cli import main
 
     out = tmp_path / "b"
-    rc = main(["bench", "tiny-moe", "--quick", "--engines", "moekit", "dense", "--threads", "1",
+    engines = ("moekit", "moekit-packed", "dense")
+    rc = main(["bench", "tiny-moe", "--quick", "--engines", *engines, "--threads", "1",
                "--batch-sizes", "1", "2", "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
-    assert {(r["engine"], r["batch"]) for r in data["results"]} == {(e, b) for e in ("moekit", "dense") for b in (1, 2)}
+    assert {(r["engine"], r["batch"]) for r in data["results"]} == {(e, b) for e in engines for b in (1, 2)}
     for r in data["results"]:
         assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
         assert 0 < r["decode_frac"] and r["decode_bound_tok_s"] > 0

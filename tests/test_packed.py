@@ -189,3 +189,15 @@ def test_model_packed_cached_decode_matches_full_forward():
             cache.advance(1)
     torch.testing.assert_close(full, want, rtol=0.05, atol=0.05)
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 30:40], rtol=0.05, atol=0.05)
+
+
+def test_generate_cli_pack_experts(capsys):
+    """`moekit generate --pack-experts` runs end to end and (greedy, tiny model) gives the same tokens."""
+    from moekit.cli import main
+
+    args = ["generate", "tiny-moe", "--prompt", "1 2 3", "--max-new-tokens", "6", "--dtype", "bfloat16"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out.split("\n")[0]
+    assert main([*args, "--pack-experts"]) == 0
+    packed = capsys.readouterr().out.split("\n")[0]
+    assert len(plain.split()) == 6 and packed == plain

@@ -23,7 +23,9 @@ import torch
 
 from moekit.errors import MoekitError
 
-ENGINES = ["moekit", "dense", "transformers", "llama.cpp"]
+ENGINES = ["moekit", "moekit-packed", "dense", "transformers", "llama.cpp"]
+"""moekit-packed: moekit with `moekit.pack_experts` (packed expert weights; opt-in: --engines)."""
+DEFAULT_ENGINES = ["moekit", "dense", "transformers", "llama.cpp"]
 
 
 def _machine_desc() -> str:
@@ -55,7 +57,7 @@ def _prepare(model: str, dtype: torch.dtype, seed: int, engines: list[str], tmp:
     paths, skipped = {}, {}
     native = tmp / "moekit"
     moekit.save_model(m, native)
-    for e in ("moekit", "dense"):
+    for e in ("moekit", "moekit-packed", "dense"):
         paths[e] = str(native)
     if "transformers" in engines:
         if importlib.util.find_spec("transformers") is None:
@@ -148,7 +150,8 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
         batch_sizes: batch sizes (default 1 8 32; --quick: 1 4).
         prompt_lens: prompt lengths (default 128 512; --quick: 16).
         new_tokens: decode steps timed per run.
-        engines: engines to run, from moekit dense transformers llama.cpp.
+        engines: engines to run, from moekit moekit-packed dense transformers llama.cpp (default:
+            all but moekit-packed, which is moekit on packed expert weights).
         dtype: weights and compute dtype for every engine.
         threads: CPU threads for every engine.
         out: output directory.
@@ -168,7 +171,7 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
     prompt_lens = prompt_lens or ([16] if quick else [128, 512])
     if quick:
         new_tokens = min(new_tokens, 8)
-    engines = engines or list(ENGINES)
+    engines = engines or list(DEFAULT_ENGINES)
     bad = [e for e in engines if e not in ENGINES]
     if bad:
         raise MoekitError(f"--engines: unknown engine(s) {bad}; choose from {' '.join(ENGINES)}")
