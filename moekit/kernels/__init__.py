@@ -219,6 +219,24 @@ def _traced(name: str):
     return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else _UNTRACED
 
 
+def _row_args(counts_E, starts_E, src_S, dst_S, scale_S, out_ND, n_out, dim) -> tuple:
+    """The row arguments of the expert-block kernels, normalised: (starts, counts, src, dst, scale,
+    out) as contiguous CPU tensors (int64 / float32; empty = default), out allocated when absent."""
+    counts_E = counts_E.to("cpu", torch.int64).contiguous()
+    if starts_E is None:
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+    starts_E = starts_E.to("cpu", torch.int64).contiguous()
+    if out_ND is None:
+        rows = n_out if n_out is not None else int((starts_E + counts_E).max()) if counts_E.numel() else 0
+        out_ND = torch.zeros(rows, dim, dtype=torch.float32)
+    empty_i = torch.empty(0, dtype=torch.int64)
+    return (starts_E, counts_E,
+            empty_i if src_S is None else src_S.to(torch.int64).contiguous(),
+            empty_i if dst_S is None else dst_S.to(torch.int64).contiguous(),
+            torch.empty(0) if scale_S is None else scale_S.to(torch.float32).contiguous(),
+            out_ND)
+
+
 def moe_experts(x_RD: torch.Tensor, w13_EHD: torch.Tensor, w2_EDF: torch.Tensor, counts_E: torch.Tensor,
                 act: str, starts_E: torch.Tensor | None = None, src_S: torch.Tensor | None = None,
                 dst_S: torch.Tensor | None = None, scale_S: torch.Tensor | None = None,
@@ -230,24 +248,10 @@ def moe_experts(x_RD: torch.Tensor, w13_EHD: torch.Tensor, w2_EDF: torch.Tensor,
     scale_S[s] * y to float32 output row dst_S[s] (default s). Experts with count 0 are skipped,
     so a caller can hand some experts to another path. Returns the float32 [n_out, D] output.
     """
-    mod = _mod()
-    counts_E = counts_E.to("cpu", torch.int64).contiguous()
-    if starts_E is None:
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-    starts_E = starts_E.to("cpu", torch.int64).contiguous()
-    if out_ND is None:
-        rows = n_out if n_out is not None else int((starts_E + counts_E).max()) if counts_E.numel() else 0
-        out_ND = torch.zeros(rows, w13_EHD.shape[-1], dtype=torch.float32)
-    empty_i = torch.empty(0, dtype=torch.int64)
+    rows = _row_args(counts_E, starts_E, src_S, dst_S, scale_S, out_ND, n_out, w13_EHD.shape[-1])
     with _traced("moekit::moe_experts"):
-        mod.moe_experts(
-            x_RD.contiguous(), w13_EHD.contiguous(), w2_EDF.contiguous(), starts_E, counts_E,
-            empty_i if src_S is None else src_S.to(torch.int64).contiguous(),
-            empty_i if dst_S is None else dst_S.to(torch.int64).contiguous(),
-            torch.empty(0) if scale_S is None else scale_S.to(torch.float32).contiguous(),
-            out_ND, ACTS[act],
-        )
-    return out_ND
+        _mod().moe_experts(x_RD.contiguous(), w13_EHD.contiguous(), w2_EDF.contiguous(), *rows, ACTS[act])
+    return rows[-1]
 
 
 def moe_experts_topk(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
@@ -336,24 +340,10 @@ def moe_experts_packed(x_RD: torch.Tensor, packed: PackedExperts, counts_E: torc
                        dst_S: torch.Tensor | None = None, scale_S: torch.Tensor | None = None,
                        out_ND: torch.Tensor | None = None, n_out: int | None = None) -> torch.Tensor:
     """`moe_experts` on packed weights (bf16 or fp32): same row contract, any rows per expert."""
-    mod = _mod()
-    counts_E = counts_E.to("cpu", torch.int64).contiguous()
-    if starts_E is None:
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-    starts_E = starts_E.to("cpu", torch.int64).contiguous()
-    if out_ND is None:
-        rows = n_out if n_out is not None else int((starts_E + counts_E).max()) if counts_E.numel() else 0
-        out_ND = torch.zeros(rows, packed.dim, dtype=torch.float32)
-    empty_i = torch.empty(0, dtype=torch.int64)
+    rows = _row_args(counts_E, starts_E, src_S, dst_S, scale_S, out_ND, n_out, packed.dim)
     with _traced("moekit::moe_experts_packed"):
-        mod.moe_experts_packed(
-            x_RD.contiguous(), packed.p13, packed.p2, starts_E, counts_E,
-            empty_i if src_S is None else src_S.to(torch.int64).contiguous(),
-            empty_i if dst_S is None else dst_S.to(torch.int64).contiguous(),
-            torch.empty(0) if scale_S is None else scale_S.to(torch.float32).contiguous(),
-            out_ND, ACTS[packed.act],
-        )
-    return out_ND
+        _mod().moe_experts_packed(x_RD.contiguous(), packed.p13, packed.p2, *rows, ACTS[packed.act])
+    return rows[-1]
 
 
 def moe_experts_topk_packed(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,

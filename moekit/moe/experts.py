@@ -258,11 +258,11 @@ class GroupedExperts(nn.Module):
             return x_SD.new_zeros(T, D)
         token_S = rows_S // K
         out_TD = torch.zeros(T, D, dtype=torch.float32, device=x_SD.device)
-        counts = counts_E.tolist()
         packed = self.packed_for(x_SD)
         if packed is not None:  # every expert, any row count: one call
             kernels.moe_experts_packed(x_SD, packed, counts_E, dst_S=token_S, scale_S=weights_S, out_ND=out_TD)
             return out_TD.to(x_SD.dtype)
+        counts = counts_E.tolist()
         small = self._small_experts(x_SD, counts)
         if any(small):
             self._kernel(x_SD, counts, small, token_S, weights_S, out_TD)
