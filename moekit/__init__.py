@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moekit import _cpuenv  # noqa: F401  (first: caps oneDNN/ATen/MKL at a forced MOEKIT_CPU_ISA tier)
+
 from moekit.config import ConfigError, ModelConfig, MoEConfig
 from moekit.model.params import ParamCount, count_params, dense_equivalent
 from moekit.model.transformer import ModelOutput, Transformer, build_model

@@ -25,15 +25,19 @@ def load_for_inference(model: str, dtype: str = "auto", seed: int = 0):
     """A model directory / .gguf file, or a preset name (random init from `seed`), in eval mode."""
     import moekit
 
-    want = None if dtype == "auto" else DTYPES[dtype]
+    from moekit.precision import inference_dtype
+
     p = Path(model)
     if p.exists():
-        m = moekit.load_model(p, dtype=want)
+        m = moekit.load_model(p)
     else:
         cfg = moekit.resolve_config(model)  # raises ConfigError listing the presets
         m = moekit.build_model(cfg, seed=seed)
-        if want is not None:
-            m = m.to(want)
+    # auto: as stored where the CPU computes that dtype natively; bf16/fp16 weights widened to fp32
+    # where bf16 is not native (moekit.precision). An explicit dtype is used as given.
+    want = inference_dtype(m.dtype, dtype, m.device)
+    if want != m.dtype:
+        m = m.to(want)
     return m.eval()
 
 
@@ -107,7 +111,8 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
         repetition_penalty: >1 discourages repeats (1.0 = off).
         seed: sampling seed (and the weights' seed for a preset).
         stop: token ids that end a sequence.
-        dtype: weights dtype (auto = as stored; float32 for presets).
+        dtype: weights and compute dtype. auto = as stored (float32 for presets), except that bf16/fp16
+            weights are widened to float32 on CPUs without native bf16 (see `moekit doctor`).
         threads: torch CPU threads (0 = torch's default).
         pack_experts: pack the expert weights for the CPU outer-product kernel (faster prefill and
             batches; the expert weights take twice the memory).

@@ -22,6 +22,7 @@ import torch
 from moekit.errors import MoekitError
 from moekit.inference.sampling import SamplingParams, sample
 from moekit.moe.layer import pack_experts as pack_all
+from moekit.precision import inference_dtype
 from moekit.utils import retain_freed_memory
 
 
@@ -62,7 +63,14 @@ TokenCallback = Callable[[int, int], None]
 class Engine:
     """Batched generation for any moekit `Transformer` (dense, MoE, MLA)."""
 
-    def __init__(self, model, max_batch_size: int = 64, check_every: int = 8, pack_experts: bool = False):
+    def __init__(self, model, max_batch_size: int = 64, check_every: int = 8, pack_experts: bool = False,
+                 precision: str = "auto"):
+        # The compute-dtype policy (moekit.precision): with "auto", bf16/fp16 weights on a device
+        # without native bf16 are widened to fp32 once here (bf16 matmuls there run 3-100x slower);
+        # an explicit "bf16"/"fp32" casts to it (with a warning where bf16 is slow).
+        want = inference_dtype(model.dtype, precision, model.device)
+        if want != model.dtype:
+            model.to(want)
         self.model = model.eval()
         # Packed expert weights (moekit.pack_experts): the outer-product CPU kernel runs every MoE
         # layer in one call at any batch size, faster than the row-major kernel and oneDNN/MKL from

@@ -92,6 +92,10 @@ class Dispatcher:
     keeps at most ceil(cf * T * K / E) assignments, chosen by router weight ("score") or by token
     order ("position"), and the rest are dropped (the token keeps its residual stream only)."""
 
+    local = True
+    """Every expert lives in this process (an expert-parallel dispatcher sets False, and only the
+    backends that run any dispatcher take its calls)."""
+
     def __init__(self, cfg: MoEConfig):
         self.num_experts = cfg.num_experts
         self.cfg = cfg

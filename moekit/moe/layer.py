@@ -10,11 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moekit import kernels
 from moekit.config import MoEConfig
-from moekit.moe import balance
-from moekit.moe.dispatch import Dispatcher, loop_reference
-from moekit.moe.experts import DenseFFN, GroupedExperts, _inference
+from moekit.moe import backends, balance
+from moekit.moe.dispatch import Dispatcher
+from moekit.moe.experts import DenseFFN, GroupedExperts
 from moekit.moe.router import Router
 
 
@@ -54,7 +53,9 @@ class MoELayer(nn.Module):
         self.shared = DenseFFN(dim, cfg.shared_expert_dim, cfg.expert_act) if cfg.num_shared_experts else None
         self.shared_gate = nn.Linear(dim, 1, bias=False) if (self.shared is not None and cfg.shared_expert_gate) else None
         self.use_reference = False
-        """Run the per-expert loop instead of dispatch (tests / debugging)."""
+        """Run the per-expert loop instead of dispatch (tests / debugging); same as backend="reference"."""
+        self.backend: str | None = None
+        """Force an expert-execution backend by name (`moekit.moe.backends`); None chooses per call."""
         self.loss_stats = True
         """Compute balance/z losses and entropy per forward; generation turns this off (they cost
         ~0.2 ms per layer per decode step) and gets zeros in `Routing` instead."""
@@ -62,39 +63,13 @@ class MoELayer(nn.Module):
     def forward(self, x_BSD: torch.Tensor, return_ids: bool = False) -> tuple[torch.Tensor, Routing]:
         # Plan:
         # 1. route all tokens (float32) -> top-k ids and weights;
-        # 2. dispatch rows grouped by expert, run experts, combine weighted outputs;
+        # 2. the expert backend chosen for this call (device, dtype, ISA tier, grad mode; see
+        #    moekit.moe.backends) dispatches rows by expert, runs the experts and combines;
         # 3. add the shared expert; 4. compute balance losses and statistics as values.
         shape = x_BSD.shape
         x_TD = x_BSD.reshape(-1, shape[-1])
         r = self.router(x_TD)
-        if self.use_reference:
-            out_TD = loop_reference(x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts, self.cfg.weight_on_input)
-            dropped = torch.zeros((), dtype=torch.int64, device=x_TD.device)
-        elif (packed := self._packed_topk(x_TD)) is not None:
-            # CPU inference on packed weights (`pack_experts`): grouping, experts and combine in one
-            # kernel call at any T (the packed kernel beats oneDNN's and MKL's GEMMs at every size).
-            out_TD = kernels.moe_experts_topk_packed(x_TD, r.topk_ids_TK, r.topk_weights_TK, packed).to(x_TD.dtype)
-            dropped = torch.zeros((), dtype=torch.int64)
-        elif self._fused_topk(x_TD):
-            # Decode-sized CPU inference: grouping, experts and combine in one kernel call.
-            out_TD = kernels.moe_experts_topk(x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts.w13,
-                                              self.experts.w2, self.experts.act).to(x_TD.dtype)
-            dropped = torch.zeros((), dtype=torch.int64)
-        else:
-            x_in_TD = x_TD
-            if x_TD.dtype == torch.float32 and x_TD.is_cpu and torch.is_autocast_enabled("cpu"):
-                # Autocast would cast every expert's rows on their way into its GEMM: cast the
-                # tokens once before the gather instead, which also halves the rows it moves.
-                x_in_TD = x_TD.to(torch.get_autocast_dtype("cpu"))
-            d = self.dispatcher.dispatch(x_in_TD, r.topk_ids_TK, r.topk_weights_TK, self.cfg.weight_on_input)
-            if _inference(x_TD, self.experts, d.weights_S):
-                # CPU inference: experts and combine fused (compiled kernel for small experts).
-                w_S = torch.ones_like(d.weights_S) if d.weights_applied else d.weights_S
-                out_TD = self.experts.forward_combine(d.x_SD, d.counts_E, d.rows_S, w_S, d.num_tokens, d.top_k)
-            else:
-                y_SD = self.experts(d.x_SD, d.counts_E)
-                out_TD = self.dispatcher.combine(y_SD, d)
-            dropped = d.dropped
+        out_TD, dropped = backends.run(backends.ExpertCall(self, x_TD, r.topk_ids_TK, r.topk_weights_TK))
         if self.shared is not None:
             s_TD = self.shared(x_TD)
             if self.shared_gate is not None:
@@ -102,20 +77,6 @@ class MoELayer(nn.Module):
             out_TD = out_TD + s_TD
         routing = self._routing(r, shape[0] if len(shape) == 3 else 1, dropped, return_ids)
         return out_TD.view(shape), routing
-
-    def _packed_topk(self, x_TD: torch.Tensor) -> kernels.PackedExperts | None:
-        # At every T, decode included: one contiguous panel stream per thread also beats the
-        # row-major GEMV (Mixtral-style bf16 block, interleaved: T=1 0.72 vs 0.78 ms, T=8 2.36 vs 2.52).
-        if self.cfg.capacity_factor is not None or self.cfg.weight_on_input:
-            return None
-        return self.experts.packed_for(x_TD)
-
-    def _fused_topk(self, x_TD: torch.Tensor) -> bool:
-        """Whether the one-call kernel path applies: CPU inference, dropless, weights on the output,
-        and so few tokens that no expert can get more rows than the kernel's threshold."""
-        ex = self.experts
-        return (self.cfg.capacity_factor is None and not self.cfg.weight_on_input
-                and kernels.fused_ok(x_TD, ex.act, ex, ex.w13, ex.w2))
 
     def _routing(self, r, batch: int, dropped: torch.Tensor, return_ids: bool) -> Routing:
         cfg = self.cfg

@@ -36,7 +36,7 @@ def _run_one(model, data, out: Path, tc: TrainConfig, progress: bool) -> dict[st
 
 def compare(name: str = "moe-vs-dense", preset: str = "small-moe", *, data_dir: str = "data",
             corpus: str = "en-prose", runs_dir: str = "runs", minutes: float = 12.0, max_tokens: int | None = None,
-            batch_size: int = 16, seq_len: int = 256, lr: float = 2e-3, precision: str = "bf16", seed: int = 0,
+            batch_size: int = 16, seq_len: int = 256, lr: float = 2e-3, precision: str = "auto", seed: int = 0,
             eval_tokens: int | None = 65536, eval_every: int = 100, threads: int | None = None,
             progress: bool = True) -> Path:
     """Run the whole comparison and return the path of the report."""
@@ -127,7 +127,7 @@ def render_report(p: dict[str, Any]) -> str:
 def compare_cli(name: str = "moe-vs-dense", preset: str = "small-moe", data_dir: str = "data",
                 corpus: str = "en-prose", runs_dir: str = "runs", minutes: float = 12.0,
                 max_tokens: int | None = None, batch_size: int = 16, seq_len: int = 256, lr: float = 2e-3,
-                precision: Literal["fp32", "bf16"] = "bf16", seed: int = 0, eval_tokens: int = 65536,
+                precision: Literal["auto", "fp32", "bf16"] = "auto", seed: int = 0, eval_tokens: int = 65536,
                 threads: int | None = None, progress: bool = True) -> int:
     """The main job: train an MoE and its dense equivalent on the same tokens, evaluate, write a report.
 
@@ -147,7 +147,7 @@ def compare_cli(name: str = "moe-vs-dense", preset: str = "small-moe", data_dir:
         batch_size: sequences per step.
         seq_len: tokens per sequence.
         lr: peak learning rate (both models).
-        precision: fp32, or bf16 autocast (faster on CPUs with AMX/AVX512-BF16).
+        precision: auto (bf16 autocast where the CPU has native bf16, else fp32), bf16, or fp32.
         seed: seed of init and data order (both models).
         eval_tokens: tokens evaluated per split (0: all).
         threads: torch threads.

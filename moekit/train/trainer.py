@@ -22,6 +22,7 @@ import torch
 
 from moekit.checkpoint.native import atomic_write_text
 from moekit.errors import MoekitError
+from moekit.precision import resolve as resolve_precision
 from moekit.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
 from moekit.train.telemetry import Telemetry
 from moekit.utils import retain_freed_memory
@@ -52,7 +53,8 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 200
     seed: int = 0
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast where the CPU runs bf16 natively, else fp32 (`moekit.precision`)."""
     threads: int | None = None
 
     @property
@@ -177,7 +179,7 @@ def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume
             p.unlink(missing_ok=True)
     atomic_write_text(out / "train_config.json", json.dumps({"train": asdict(tc), "model": model.config.to_dict(),
                                                              "data": str(data.root)}, indent=1))
-    bf16 = tc.precision == "bf16"
+    bf16 = resolve_precision(tc.precision, "cpu", what="training") == "bf16"
     moe_layers = model.moe_layers()
     deadline = None if tc.max_minutes is None else tc.max_minutes * 60.0
     calib_at = min(10, max(1, tc.warmup_steps))
@@ -283,7 +285,7 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
               max_minutes: float | None = None, max_tokens: int | None = None, max_steps: int | None = None,
               resume: bool = False, batch_size: int = 16, seq_len: int = 256, grad_accum: int = 1, lr: float = 2e-3,
               warmup_steps: int = 30, weight_decay: float = 0.1, grad_clip: float = 1.0, eval_every: int = 100,
-              ckpt_every: int = 200, seed: int = 0, precision: Literal["fp32", "bf16"] = "bf16",
+              ckpt_every: int = 200, seed: int = 0, precision: Literal["auto", "fp32", "bf16"] = "auto",
               threads: int | None = None, aux_loss_coef: float | None = None,
               balance: Literal["config", "none", "aux", "bias"] = "config", top_k: int | None = None,
               progress: bool = True) -> int:
@@ -316,7 +318,8 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
         eval_every: steps between val bpb evaluations.
         ckpt_every: steps between checkpoints.
         seed: seed of the init, the data order and the router noise.
-        precision: bf16 autocast (default: measured faster on AMX/AVX512-BF16 CPUs, benchmarks/train_step.py) or fp32.
+        precision: auto (bf16 autocast where the CPU has native bf16: AVX512-BF16/AMX; fp32 elsewhere, where bf16
+            matmuls are 3-100x slower), bf16, or fp32. See `moekit doctor`.
         threads: torch threads (fix it for bit-exact resume).
         aux_loss_coef: override the config's balance-loss weight.
         balance: override balancing: none, aux (Switch loss), bias (aux-loss-free score bias), config (as is).
