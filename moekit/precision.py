@@ -115,3 +115,63 @@ def inference_dtype(stored: torch.dtype, requested: str = "auto", device: str | 
     if dt in (torch.bfloat16, torch.float16) and not bf16_native(device):
         resolve("bf16", device, what="inference")
     return dt
+
+
+def widen_compute(model: torch.nn.Module, compute: torch.dtype = torch.float32) -> int:
+    """Compute in `compute` while the big matrices stay in their stored (bf16/fp16) dtype.
+
+    For CPUs without native bf16: decode is bound by weight bandwidth, so bf16 storage reads half
+    the bytes of fp32, and the kernels widen each weight to fp32 in registers (no bf16 arithmetic).
+    Kept narrow: the stacked expert weights, dense FFN and attention projections, embeddings and
+    the LM head (all consumed through `decode_linear` / the expert backends, which handle the mixed
+    dtypes). Everything else (norms, routers, gates, MLA projections, biases) becomes `compute`;
+    the router in particular stays precise. Returns the bytes kept narrow."""
+    from moekit.model.attention import Attention
+    from moekit.moe.experts import DenseFFN, GroupedExperts
+
+    keep: set[int] = set()
+    for mod in model.modules():
+        if isinstance(mod, GroupedExperts):
+            keep |= {id(mod.w13), id(mod.w2)}
+        elif isinstance(mod, DenseFFN):
+            keep |= {id(mod.w13.weight), id(mod.w2.weight)}
+        elif isinstance(mod, Attention):
+            keep |= {id(mod.wqkv.weight), id(mod.wo.weight)}
+    for name in ("embed", "lm_head"):
+        mod = getattr(model, name, None)
+        if mod is not None:
+            keep.add(id(mod.weight))
+    kept = 0
+    for p in model.parameters():
+        if id(p) in keep and p.dtype in (torch.bfloat16, torch.float16):
+            kept += p.numel() * p.element_size()
+        elif p.is_floating_point() and p.dtype != compute:
+            p.data = p.data.to(compute)
+    for mod in model.modules():
+        for k, b in list(mod._buffers.items()):
+            if b is not None and b.is_floating_point() and b.dtype != compute:
+                mod._buffers[k] = b.to(compute)
+    return kept
+
+
+def apply_inference_policy(model: torch.nn.Module, requested: str = "auto") -> str:
+    """Put `model` in the dtype(s) an inference run should use; returns a short description.
+
+    auto on a device without native bf16, for bf16/fp16 weights: fp32 compute with the big matrices
+    kept in their stored dtype when the compiled kernels (which widen them in registers) are
+    available, else everything in fp32. Otherwise the dtype `inference_dtype` gives."""
+    from moekit import kernels
+
+    stored = model.dtype
+    device = getattr(model, "device", "cpu")
+    low = stored in (torch.bfloat16, torch.float16)
+    if requested in ("auto", None) and low and not bf16_native(device):
+        if device_type(device) == "cpu" and getattr(kernels, "mixed_ok", lambda: False)():
+            n = widen_compute(model, torch.float32)
+            return f"fp32 compute, {n / 2**20:.0f} MiB of weights kept in {str(stored).removeprefix('torch.')}"
+        model.to(torch.float32)
+        return "fp32 (weights widened)"
+    want = inference_dtype(stored, requested, device)
+    if want != stored:
+        model.to(want)
+    return str(want).removeprefix("torch.")

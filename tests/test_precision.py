@@ -137,3 +137,30 @@ def test_guard_generation_runs_no_bf16_matmul_where_not_native(avx2, preset, mon
     with LowPrecisionMatmulGuard() as g:
         eng.generate([[1, 2, 3, 4, 5]], SamplingParams(max_new_tokens=2))
     assert any("bfloat16" in h for h in g.hits)
+
+
+@pytest.mark.parametrize("kernels_on", ["1", "0"])
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-deepseek", "tiny-qwen-moe", "tiny-dense"])
+def test_bf16_storage_fp32_compute_equals_fp32_model(preset, kernels_on, monkeypatch):
+    """widen_compute keeps the big matrices in bf16 and computes in fp32: the same values as the
+    whole model widened to fp32 (widening is exact), in a full forward and in cached generation."""
+    import copy
+
+    monkeypatch.setenv("MOEKIT_KERNELS", kernels_on)
+    bf = moekit.build_model(moekit.get_preset(preset), seed=0).to(torch.bfloat16).eval()
+    wide = copy.deepcopy(bf).float()
+    mixed = copy.deepcopy(bf)
+    kept = precision.widen_compute(mixed)
+    assert kept > 0 and mixed.dtype is torch.float32
+    assert any(p.dtype is torch.bfloat16 for p in mixed.parameters())
+    for m in mixed.moe_layers():
+        assert m.router.weight.dtype is torch.float32  # the router stays precise
+    ids = torch.randint(0, bf.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        ref, got = wide(ids).logits, mixed(ids).logits
+    assert got.dtype is torch.float32
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    p = SamplingParams(max_new_tokens=5)
+    a = Engine(wide, max_batch_size=2, precision="fp32").generate([[1, 2, 3], [4, 5, 6, 7]], p)
+    b = Engine(mixed, max_batch_size=2, precision="fp32").generate([[1, 2, 3], [4, 5, 6, 7]], p)
+    assert [g.tokens for g in a] == [g.tokens for g in b]

@@ -25,7 +25,7 @@ def load_for_inference(model: str, dtype: str = "auto", seed: int = 0):
     """A model directory / .gguf file, or a preset name (random init from `seed`), in eval mode."""
     import moekit
 
-    from moekit.precision import inference_dtype
+    from moekit.precision import apply_inference_policy
 
     p = Path(model)
     if p.exists():
@@ -33,11 +33,9 @@ def load_for_inference(model: str, dtype: str = "auto", seed: int = 0):
     else:
         cfg = moekit.resolve_config(model)  # raises ConfigError listing the presets
         m = moekit.build_model(cfg, seed=seed)
-    # auto: as stored where the CPU computes that dtype natively; bf16/fp16 weights widened to fp32
-    # where bf16 is not native (moekit.precision). An explicit dtype is used as given.
-    want = inference_dtype(m.dtype, dtype, m.device)
-    if want != m.dtype:
-        m = m.to(want)
+    # auto: as stored where the CPU computes that dtype natively; bf16/fp16 weights on a CPU without
+    # native bf16 compute in fp32 (moekit.precision.apply_inference_policy). Explicit: as given.
+    apply_inference_policy(m, dtype)
     return m.eval()
 
 

@@ -22,7 +22,7 @@ import torch
 from moekit.errors import MoekitError
 from moekit.inference.sampling import SamplingParams, sample
 from moekit.moe.layer import pack_experts as pack_all
-from moekit.precision import inference_dtype
+from moekit.precision import apply_inference_policy
 from moekit.utils import retain_freed_memory
 
 
@@ -66,11 +66,10 @@ class Engine:
     def __init__(self, model, max_batch_size: int = 64, check_every: int = 8, pack_experts: bool = False,
                  precision: str = "auto"):
         # The compute-dtype policy (moekit.precision): with "auto", bf16/fp16 weights on a device
-        # without native bf16 are widened to fp32 once here (bf16 matmuls there run 3-100x slower);
-        # an explicit "bf16"/"fp32" casts to it (with a warning where bf16 is slow).
-        want = inference_dtype(model.dtype, precision, model.device)
-        if want != model.dtype:
-            model.to(want)
+        # without native bf16 compute in fp32 (bf16 matmuls there run 3-100x slower), the big
+        # matrices kept in bf16 where the kernels widen them in registers; an explicit
+        # "bf16"/"fp32" casts to it (with a warning where bf16 is slow).
+        self.precision = apply_inference_policy(model, precision)
         self.model = model.eval()
         # Packed expert weights (moekit.pack_experts): the outer-product CPU kernel runs every MoE
         # layer in one call at any batch size, faster than the row-major kernel and oneDNN/MKL from

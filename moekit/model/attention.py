@@ -105,6 +105,9 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
         if kernels.usable(x, w):
             y = kernels.linear(x, w)
             return (y if b is None else y + b).to(x.dtype)
+    if w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        # bf16-stored weights under fp32 compute (moekit.precision.widen_compute)
+        w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
     return F.linear(x, w, b)
 
 

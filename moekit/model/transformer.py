@@ -105,7 +105,9 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        """The activations' (compute) dtype. Usually every weight's too; after
+        `moekit.precision.widen_compute` the big matrices stay bf16 while this is float32."""
+        return self.norm.weight.dtype
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.layers if b.is_moe]
@@ -151,6 +153,8 @@ class Transformer(nn.Module):
             # Query at position p sees keys at positions <= p (its own row only).
             mask = (torch.arange(seen, device=dev).view(1, 1, 1, seen) <= pos_BS.view(B, 1, S, 1))
         x = self.embed(input_ids)
+        if x.dtype != self.dtype:  # bf16-stored embeddings, fp32 compute
+            x = x.to(self.dtype)
         cos, sin = self.rope(pos_BS, x.dtype)
         routings = []
         for i, block in enumerate(self.layers):

@@ -66,10 +66,18 @@ def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def as_compute(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w in x's dtype. Weights may be stored in bf16 while a CPU without native bf16 computes in
+    fp32 (`moekit.precision.widen_compute`): the kernels widen them in registers; PyTorch ops get a
+    widened copy, made per call (a few percent of a prefill GEMM's time; decode takes the kernels)."""
+    return w if w.dtype == x.dtype or torch.is_autocast_enabled(x.device.type) else w.to(x.dtype)
+
+
 def _linear_into(x_ND: torch.Tensor, w_MD: torch.Tensor, out_NM: torch.Tensor) -> None:
     """out = F.linear(x, w), written in place (no temporary) when x, w and out share a dtype.
     `torch.mm(out=)` is outside autocast's op list, so under autocast (float32 weights) the GEMM
     runs through F.linear and is copied in."""
+    w_MD = as_compute(w_MD, x_ND)
     if x_ND.dtype == w_MD.dtype == out_NM.dtype and not torch.is_autocast_enabled(x_ND.device.type):
         torch.mm(x_ND, w_MD.t(), out=out_NM)
     else:
@@ -209,8 +217,10 @@ class GroupedExperts(nn.Module):
         return self._packed
 
     def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
-        """One expert on a block of rows (views into the stacked weights: no copy)."""
-        return F.linear(activate(F.linear(x_ND, self.w13[e]), self.act), self.w2[e])
+        """One expert on a block of rows (views into the stacked weights: no copy unless the weights
+        are stored in a narrower dtype than the rows, see `as_compute`)."""
+        h = activate(F.linear(x_ND, as_compute(self.w13[e], x_ND)), self.act)
+        return F.linear(h, as_compute(self.w2[e], h))
 
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         if x_SD.shape[0] == 0:
@@ -301,7 +311,7 @@ class GroupedExperts(nn.Module):
         start = 0
         for e, n in enumerate(counts):
             if big_E[e]:
-                a_NF = activate(F.linear(x_SD[start:start + n], self.w13[e]), self.act)
+                a_NF = activate(F.linear(x_SD[start:start + n], as_compute(self.w13[e], x_SD)), self.act)
                 _linear_into(a_NF, self.w2[e], y_SD[start:start + n])
             start += n
         big_S = torch.repeat_interleave(torch.tensor(big_E), torch.tensor(counts), output_size=S)
@@ -402,4 +412,6 @@ class DenseFFN(nn.Module):
             y_TD = kernels.moe_experts_topk(x_TD, torch.zeros(T, 1, dtype=torch.int64), one,
                                             self.w13.weight.unsqueeze(0), self.w2.weight.unsqueeze(0), self.act)
             return y_TD.to(x.dtype).view(x.shape)
-        return self.w2(activate(self.w13(x), self.act))
+        w13, w2 = self.w13.weight, self.w2.weight
+        h = activate(F.linear(x, as_compute(w13, x)), self.act)
+        return F.linear(h, as_compute(w2, h))
