@@ -24,7 +24,7 @@ def _kernel_facts(build: bool) -> dict[str, Any]:
     if build:
         out["built"] = bool(kernels.available())
     tier = getattr(kernels, "tier", None)
-    out["tier"] = tier() if callable(tier) else (isa.tier() if out.get("built") else "off")
+    out["tier"] = tier() if callable(tier) else isa.tier()
     err = getattr(kernels, "build_error", None)
     out["error"] = err() if callable(err) else getattr(kernels, "_failed", None)
     return out
@@ -60,6 +60,8 @@ def facts(build_kernels: bool = True, backends: bool = True) -> dict[str, Any]:
         "isa_tier_forced": isa.forced(),
         "isa_tiers_available": tiers,
         "MOEKIT_CPU_ISA": os.environ.get(isa.ENV, "auto"),
+        "library_caps": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+                         if k in os.environ},
         "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_native": precision.bf16_native("cpu"),
@@ -90,6 +92,7 @@ def markdown(f: dict[str, Any]) -> str:
     rows = [("CPU", f["cpu"]), ("ISA tier", f["isa_tier"] + (" (forced by MOEKIT_CPU_ISA)" if f["isa_tier_forced"] else "")),
             ("tiers available", ", ".join(f["isa_tiers_available"]) or "none (not x86: PyTorch ops)"),
             ("torch CPU capability", f"{f['torch_cpu_capability']} (torch {f['torch']})"),
+            ("library caps", ", ".join(f"{k}={v}" for k, v in f["library_caps"].items()) or "none"),
             ("bf16 native", "yes" if f["bf16_native"] else "no"),
             ("compute dtype (auto)", f["auto_compute_dtype"]),
             ("kernels", _kernels_text(f["kernels"])),
@@ -104,6 +107,8 @@ def markdown(f: dict[str, Any]) -> str:
 def _kernels_text(k: dict[str, Any]) -> str:
     if k["switched_off"]:
         return "off (MOEKIT_KERNELS=0)"
+    if "built" not in k:
+        return f"not checked (--no-build); tier {k['tier']} would be used"
     if k.get("built") is False or k["error"]:
         return f"not built: {(k['error'] or 'no compiled tier for this CPU').splitlines()[0][:200]}"
     return f"built, tier {k['tier']}"

@@ -56,13 +56,23 @@ def cpu_flags() -> frozenset[str]:
 @functools.lru_cache(maxsize=1)
 def cpu_model() -> str:
     """The CPU's model name, e.g. 'AMD EPYC 9R45' (platform.processor() where /proc has none)."""
+    info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            k, _, v = line.partition(":")
+            k = k.strip()
+            if k in ("model name", "cpu family", "model") and k not in info:
+                info[k] = v.strip()
+            if not line.strip() and info:
+                break
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    name = info.get("model name") or platform.processor() or platform.machine() or "unknown"
+    if "cpu family" in info and "model" in info:
+        # Virtual machines often report a bare "AMD EPYC": family/model name the generation
+        # (AMD family 25 = Zen 3/4, 26 = Zen 5).
+        name += f" (family {info['cpu family']}, model {info['model']})"
+    return name
 
 
 def is_x86() -> bool:
