@@ -166,7 +166,7 @@ def apply_inference_policy(model: torch.nn.Module, requested: str = "auto") -> s
     device = getattr(model, "device", "cpu")
     low = stored in (torch.bfloat16, torch.float16)
     if requested in ("auto", None) and low and not bf16_native(device):
-        if device_type(device) == "cpu" and getattr(kernels, "mixed_ok", lambda: False)():
+        if device_type(device) == "cpu" and stored == torch.bfloat16 and kernels.available():
             n = widen_compute(model, torch.float32)
             return f"fp32 compute, {n / 2**20:.0f} MiB of weights kept in {str(stored).removeprefix('torch.')}"
         model.to(torch.float32)

@@ -208,7 +208,10 @@ class GroupedExperts(nn.Module):
         """The packed weights if they apply to this inference call: rows of their dtype, no autograd
         graph, and weights unchanged since `pack()` (an optimizer step or load_state_dict bumps
         their version; the stale copy is dropped, not used)."""
-        if self._packed is None or not self.use_packed or x.dtype != self._packed.p13.dtype or not _inference(x, self):
+        if self._packed is None or not self.use_packed or not _inference(x, self):
+            return None
+        pdt = self._packed.p13.dtype  # rows of the packed dtype, or fp32 rows on bf16 weights (widened in registers)
+        if x.dtype != pdt and not (x.dtype == torch.float32 and pdt == torch.bfloat16):
             return None
         if self._stamp() != self._packed_stamp:
             log.warning("moekit: expert weights changed since pack(); dropping the packed copy (call pack() again)")
