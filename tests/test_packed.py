@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import moekit
@@ -22,8 +22,7 @@ from moekit.config import MoEConfig
 from moekit.moe.experts import GroupedExperts, activate
 from moekit.moe.layer import MoELayer
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="moekit CPU kernels not buildable here")
-pytestmark = needs_kernels
+pytestmark = pytest.mark.usefixtures("kernel_tier")  # every test once per CPU tier (conftest.py)
 
 
 def _ref(x_SD, w13, w2, counts, act, dst=None, scale=None, n_out=None):
@@ -90,7 +89,7 @@ def test_packed_gather_scatter_scale():
     torch.testing.assert_close(got, kernels.moe_experts_topk(x_TD, ids_TK, w_TK, w13, w2, "swiglu"), rtol=2e-2, atol=2e-2)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(E=st.integers(1, 6), half_d=st.integers(1, 80), F_=st.integers(1, 70), seed=st.integers(0, 10_000),
        act=st.sampled_from(["swiglu", "geglu", "gelu"]), fp32=st.booleans(), data=st.data())
 def test_property_packed_equals_loop(E, half_d, F_, seed, act, fp32, data):
@@ -187,8 +186,14 @@ def test_model_packed_cached_decode_matches_full_forward():
         for t in range(30, 40):
             steps.append(model(ids[:, t:t + 1], cache=cache).logits[:, 0].float())
             cache.advance(1)
-    torch.testing.assert_close(full, want, rtol=0.05, atol=0.05)
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, 30:40], rtol=0.05, atol=0.05)
+    # bf16 relative to the logits' scale (max ~0.6, std 0.16). The packed and the row-major kernel
+    # agree to rounding (measured: identical); cached decode vs the full forward: measured 0.004.
+    tol = dict(rtol=1.6e-2, atol=1.6e-2 * float(full.abs().max()))
+    torch.testing.assert_close(full, want, **tol)
+    got = torch.stack(steps, 1)
+    torch.testing.assert_close(got, full[:, 30:40], **tol)
+    with pytest.raises(AssertionError):  # a cache row off by one position must fail these tolerances
+        torch.testing.assert_close(got[:, 1:], full[:, 30:39], **tol)
 
 
 def test_generate_cli_pack_experts(capsys):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
@@ -22,8 +22,7 @@ from moekit.model.loss import cross_entropy
 from moekit.model.rope import _rope_kernel, apply_rope, rotate_half
 from moekit.moe.layer import MoELayer
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="moekit CPU kernels not buildable here")
-pytestmark = needs_kernels
+pytestmark = pytest.mark.usefixtures("kernel_tier")  # every test once per CPU tier (conftest.py)
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
@@ -113,7 +112,7 @@ def test_silu_mul_backward_matches_autograd(dtype):
     assert_close(kernels.silu_mul_backward(h, g).float(), a.grad.float(), **TOL[dtype])
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(E=st.integers(1, 6), k=st.integers(1, 4), T=st.integers(1, 40), D=st.sampled_from([8, 24, 40]),
        seed=st.integers(0, 10_000))
 def test_moe_training_kernels_equal_pytorch_path(E, k, T, D, seed):

@@ -5,14 +5,30 @@ by expert, A = T*K assignments, M rows of a small linear, N its outputs (in the 
 kernels) or rows (in the training kernels: cross-entropy, rotary, RMSNorm), V vocabulary, P heads,
 d head dim, L keys.
 
-One module, compiled on first use from `moe_cpu.cpp` (inference), `packed_cpu.cpp` (inference on
-expert weights packed by `pack_experts`), `train_cpu.cpp` (training) and `alloc_cpu.cpp` (the
-caching CPU allocator) with `torch.utils.cpp_extension.load_inline` (needs a
-C++ compiler and ninja; ~30 s once, then cached under torch's extension directory). Nothing here is
-required: when the CPU lacks AVX512-BF16, the build fails, the tensors live on another device, or
-`MOEKIT_KERNELS=0` is set, `available()` is False and callers use PyTorch ops. The inference
-kernels run only under no-grad (`usable`); the training kernels run inside autograd Functions
-that pair each with its backward kernel (`train_usable`).
+One extension module per CPU tier (`isa.tier()`, forced lower with MOEKIT_CPU_ISA), compiled on
+first use from `simd.h` (the SIMD layer: vector width, loads that widen bf16, FMA, horizontal sums),
+`moe_cpu.cpp` (inference), `packed_cpu.cpp` (inference on expert weights packed by
+`pack_experts`), `train_cpu.cpp` (training) and `alloc_cpu.cpp` (the caching CPU allocator) with
+`torch.utils.cpp_extension.load_inline` (needs a C++ compiler and ninja; ~30-60 s once per tier,
+then cached under torch's extension directory). Explicit flags, never -march=native:
+
+- `avx2` (module moekit_cpu_kernels_avx2): -mavx2 -mfma -mf16c; 8-float vectors, bf16 widened.
+- `avx512` (moekit_cpu_kernels_avx512): + -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni;
+  16-float vectors, bf16 widened to fp32 in registers.
+- `avx512bf16` (moekit_cpu_kernels_avx512bf16): + -mavx512bf16; bf16 x bf16 dot products with
+  vdpbf16ps.
+- `amx`: the avx512bf16 module (same code); oneDNN runs the AMX GEMMs above the GEMV rows.
+
+Dtypes: the matmul kernels (moe_experts*, linear, the packed experts, decode_attention's cache)
+take weights in bf16 or fp32 and activations in the weights' dtype, or fp32 activations with
+bf16 weights (the fp32 compute policy of CPUs without native bf16 keeps big weights in bf16: half
+the bytes per decode step); the output is fp32. Everything else takes one dtype.
+
+Nothing here is required: when no tier applies (not x86, MOEKIT_CPU_ISA=off), the build fails,
+the tensors live on another device, or `MOEKIT_KERNELS=0` is set, `available()` is False and
+callers use PyTorch ops; `build_error()` keeps the compiler's message. The inference kernels run
+only under no-grad (`usable`); the training kernels run inside autograd Functions that pair each
+with its backward kernel (`train_usable`).
 """
 
 from __future__ import annotations
@@ -27,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from moekit.kernels import isa
+
 log = logging.getLogger(__name__)
 
 ACTS = {"swiglu": 0, "geglu": 1, "gelu": 2}
@@ -39,49 +57,74 @@ GEMV_ROWS = 8
 
 def has_amx() -> bool:
     """Whether this CPU has AMX-BF16 tiles (Intel Sapphire Rapids and later), which oneDNN's bf16
-    GEMM uses. There, the thresholds below fall to the GEMV range (GEMV_ROWS): the register tiles
-    were tuned against oneDNN's AVX-512 path, and AMX's tile units do several times that work per
-    cycle, so above the bandwidth-bound GEMV sizes oneDNN is the better bet. Not measured here (no
-    AMX machine was available); MOEKIT_KERNEL_MAX_ROWS overrides it."""
+    GEMM uses (the `amx` tier, `isa`). There, the bf16 thresholds below fall to the GEMV range
+    (GEMV_ROWS): the register tiles were tuned against oneDNN's AVX-512 path, and AMX's tile units
+    do several times that work per cycle, so above the bandwidth-bound GEMV sizes oneDNN is the
+    better bet. Not measured here (no AMX machine was available); MOEKIT_KERNEL_MAX_ROWS overrides it."""
     return "amx_bf16" in _cpu_flags()
 
 
-def _rows_threshold(dtype: torch.dtype, bf16_rows: int, fp32_rows: int) -> int:
-    """MOEKIT_KERNEL_MAX_ROWS if set; else the GEMV range for bf16 on AMX CPUs; else the measured value."""
+# Rows per expert (max_rows) and per linear (max_linear_rows) up to which the kernels run, by tier
+# and activation dtype. avx512bf16 / amx: see max_rows. avx2 / avx512: the fp32 kernels against
+# MKL's sgemm (which takes a non-AVX-512 path on AMD CPUs) and bf16 against ATen's bf16 GEMM
+# without native bf16 (emulated on AVX-512, scalar on AVX2): measured indicatively (loaded
+# 2-core Zen 4, see max_rows), kept conservative.
+_ROWS = {
+    "amx": {torch.bfloat16: GEMV_ROWS, torch.float32: 512},
+    "avx512bf16": {torch.bfloat16: 64, torch.float32: 512},
+    "avx512": {torch.bfloat16: 512, torch.float32: 512},
+    "avx2": {torch.bfloat16: 512, torch.float32: 512},
+}
+_LINEAR_ROWS = {
+    "amx": {torch.bfloat16: GEMV_ROWS, torch.float32: 128},
+    "avx512bf16": {torch.bfloat16: 16, torch.float32: 128},
+    "avx512": {torch.bfloat16: 128, torch.float32: 128},
+    "avx2": {torch.bfloat16: 128, torch.float32: 128},
+}
+
+
+def _rows_threshold(dtype: torch.dtype, table: dict) -> int:
+    """MOEKIT_KERNEL_MAX_ROWS if set; else the tier's value for this activation dtype (0: off)."""
     env = os.environ.get("MOEKIT_KERNEL_MAX_ROWS")
     if env:
         return int(env)
-    if dtype is torch.bfloat16:
-        return GEMV_ROWS if has_amx() else bf16_rows
-    return fp32_rows
+    t = isa.tier()
+    if t not in table:
+        return 0
+    return table[t].get(dtype, table[t][torch.float32])
 
 
 def max_rows(dtype: torch.dtype) -> int:
     """Rows per expert up to which the compiled kernel runs an expert FFN (MoE experts, and the
-    dense FFN as one expert) on this CPU; above it, F.linear (oneDNN bf16 / MKL fp32).
+    dense FFN as one expert) on this CPU tier; above it, F.linear (oneDNN bf16 / MKL fp32).
 
-    Measured on AMD Zen 5 (AVX512-BF16, no AMX, 2 threads) with `python benchmarks/moe_layer.py
-    --sweep-rows` (every expert of the block gets M rows, weights streamed, interleaved calls). Up
-    to 8 rows the kernel streams each weight row once and reuses it for every row (a GEMV); above
-    8 it runs register tiles of 4 weight rows x 4 token rows (compute-bound). bf16: the kernel
-    wins up to 64 rows (Mixtral-style 15.2 vs 18.3 ms, 64-expert block 18.1 vs 19.0 ms) and ties
-    or loses from 128. fp32: it wins at every size measured, up to 512 rows (311 vs 366 ms),
-    because MKL's sgemm takes a non-AVX-512 path on AMD CPUs. Hence 64 and 512. Re-measure on
-    other CPUs; override with MOEKIT_KERNEL_MAX_ROWS. Layers with packed weights (`pack_experts`)
-    do not use this threshold: the packed kernel takes every expert above GEMV_ROWS rows.
+    avx512bf16: measured on AMD Zen 5 (AVX512-BF16, no AMX, 2 threads) with `python
+    benchmarks/moe_layer.py --sweep-rows` (every expert of the block gets M rows, weights
+    streamed, interleaved calls). Up to 8 rows the kernel streams each weight row once and reuses
+    it for every row (a GEMV); above 8 it runs register tiles of 4 weight rows x 4 token rows
+    (compute-bound). bf16: the kernel wins up to 64 rows (Mixtral-style 15.2 vs 18.3 ms, 64-expert
+    block 18.1 vs 19.0 ms) and ties or loses from 128. fp32: it wins at every size measured, up to
+    512 rows (311 vs 366 ms), because MKL's sgemm takes a non-AVX-512 path on AMD CPUs. Hence 64
+    and 512. amx: bf16 falls to GEMV_ROWS (`has_amx`). avx2 / avx512 (no native bf16): the
+    kernel wins at every row count measured in fp32 (and bf16 has no fast ATen path there), so
+    512 for both; see `python -m moekit.kernels.bench_tiers` for the indicative measurement.
+    Re-measure on other CPUs; override with MOEKIT_KERNEL_MAX_ROWS. Layers with packed weights
+    (`pack_experts`) do not use this threshold: the packed kernel takes every expert above
+    GEMV_ROWS rows.
     """
-    return _rows_threshold(dtype, bf16_rows=64, fp32_rows=512)
+    return _rows_threshold(dtype, _ROWS)
 
 
 def max_linear_rows(dtype: torch.dtype) -> int:
-    """Rows up to which `linear` (attention projections, LM head) beats F.linear on this CPU.
+    """Rows up to which `linear` (attention projections, LM head) beats F.linear on this CPU tier.
 
-    Measured (interleaved, weights streamed, K=1024, N=1536 and 32000): bf16 wins at 8 rows
-    (1.72 vs 2.82 ms on the 32000-row head), ties at 16-32 and loses from 64 (oneDNN's GEMM
+    avx512bf16, measured (interleaved, weights streamed, K=1024, N=1536 and 32000): bf16 wins at 8
+    rows (1.72 vs 2.82 ms on the 32000-row head), ties at 16-32 and loses from 64 (oneDNN's GEMM
     without an expert's Python ops around it); fp32 wins at every size up to 128 rows (26 vs
-    55 ms), MKL on AMD again. MOEKIT_KERNEL_MAX_ROWS overrides this too.
+    55 ms), MKL on AMD again. avx2 / avx512: 128 (see max_rows). MOEKIT_KERNEL_MAX_ROWS overrides
+    this too.
     """
-    return _rows_threshold(dtype, bf16_rows=16, fp32_rows=128)
+    return _rows_threshold(dtype, _LINEAR_ROWS)
 
 
 def fused_ok(x_TD: torch.Tensor, act: str, module: torch.nn.Module, *weights: torch.Tensor) -> bool:
@@ -96,90 +139,134 @@ def fused_ok(x_TD: torch.Tensor, act: str, module: torch.nn.Module, *weights: to
 
 
 _lock = threading.Lock()
-_module = None
-_failed: str | None = None
+_modules: dict[str, object] = {}
+"""Loaded modules by build tier (tests switch tiers in one process with MOEKIT_CPU_ISA)."""
+_errors: dict[str, str] = {}
+"""Build failures by build tier: the exception and the compiler's message."""
+
+TIER_FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
+    "avx512bf16": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                   "-mavx512vnni", "-mavx512bf16"],
+}
+"""Compiler flags of each built tier (explicit: the build is the same on every CPU of the tier)."""
+
+BUILD_TIER = {"avx2": "avx2", "avx512": "avx512", "avx512bf16": "avx512bf16", "amx": "avx512bf16"}
+"""The module each tier runs: amx shares the avx512bf16 code (oneDNN does the AMX GEMMs)."""
+
+SOURCES = ("simd.h", "moe_cpu.cpp", "packed_cpu.cpp", "train_cpu.cpp", "alloc_cpu.cpp")
+"""Concatenated in this order into one translation unit (later files use earlier helpers)."""
+
+FUNCTIONS = [
+    # inference (moe_cpu.cpp)
+    "moe_experts", "moe_experts_topk", "linear_small", "decode_attention", "silu_mul", "combine_rows",
+    # inference on packed weights (packed_cpu.cpp)
+    "moe_experts_packed", "moe_experts_topk_packed",
+    # training (train_cpu.cpp)
+    "cross_entropy_rows", "causal_softmax_fwd", "causal_softmax_bwd", "rope_rows", "sum_rows",
+    "combine_rows_backward", "silu_mul_backward", "rms_norm_fwd", "rms_norm_bwd",
+    # caching allocator (alloc_cpu.cpp)
+    "cpu_cache_enable", "cpu_cache_disable", "cpu_cache_empty", "cpu_cache_stats",
+]
 
 
-@functools.lru_cache(maxsize=1)
 def _cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    """The CPU's feature flags (`isa.cpu_flags`; kept here for the benchmarks)."""
+    return isa.cpu_flags()
 
 
 @functools.lru_cache(maxsize=8)
-def _enabled_for(env: str) -> bool:
-    if env.strip().lower() in ("0", "false", "off", "no"):
-        return False
-    return {"avx512f", "avx512bw", "avx512_bf16"} <= _cpu_flags()
+def _switched_off(env: str) -> bool:
+    return env.strip().lower() in ("0", "false", "off", "no")
 
 
 def enabled() -> bool:
-    """Kernels are allowed here: not switched off by MOEKIT_KERNELS=0 and the CPU has AVX512-BF16.
-    The variable is read on every call (tests and benchmarks flip it at run time); the parsing is
-    cached, since a decode step asks ~70 times."""
-    return _enabled_for(os.environ.get("MOEKIT_KERNELS", "1"))
+    """Kernels are allowed here: not switched off by MOEKIT_KERNELS=0 and a CPU tier applies
+    (`isa.tier()` is not "off"). Both variables are read on every call (tests and benchmarks flip
+    them at run time); the parsing is cached, since a decode step asks ~70 times."""
+    return not _switched_off(os.environ.get("MOEKIT_KERNELS", "1")) and isa.tier() != "off"
 
 
-def _cached_build_exists() -> bool:
+def module_name(tier: str) -> str:
+    """The extension module's name for a tier, e.g. moekit_cpu_kernels_avx2."""
+    return f"moekit_cpu_kernels_{BUILD_TIER[tier]}"
+
+
+def _cached_build_exists(name: str) -> bool:
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
-        return any(Path(_get_build_directory("moekit_cpu_kernels", verbose=False)).glob("*.so"))
+        return any(Path(_get_build_directory(name, verbose=False)).glob("*.so"))
     except Exception:
         return False
 
 
+def build(tier: str, name: str | None = None, src_dir: str | Path | None = None,
+          build_dir: str | Path | None = None):
+    """Compile (or load the cached build of) the kernels for `tier` and return the module; raises
+    with the compiler's message on failure. `name`, `src_dir` and `build_dir` default to the
+    tier's module name, this package and torch's extension directory (tests build a broken copy
+    under throwaway ones)."""
+    from torch.utils.cpp_extension import load_inline
+
+    bt = BUILD_TIER[tier]
+    name = name or module_name(tier)
+    folder = Path(src_dir) if src_dir is not None else Path(__file__).parent
+    # One translation unit inside a per-tier namespace (simd.h opens it): several tiers' modules
+    # can live in one process without their C++ symbols colliding.
+    src = "\n".join((folder / f).read_text() for f in SOURCES)
+    src += f"\n}}  // namespace MOEKIT_NS\nusing namespace moekit_{bt};\n"
+    # at::parallel_for is a header template: with ATen's OpenMP backend it only runs in parallel
+    # when *this* file is compiled with -fopenmp (without it every kernel ran on one core). GOMP
+    # symbols resolve to the libgomp torch already loaded, so no second OpenMP runtime and no link flag.
+    omp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
+    extra = {}
+    if build_dir is not None:
+        Path(build_dir).mkdir(parents=True, exist_ok=True)
+        extra["build_directory"] = str(build_dir)
+    elif not _cached_build_exists(name):
+        # Visible by default (WARNING reaches stderr without logging config): a first forward that
+        # pauses for half a minute must say why. A cached build loads in about a second.
+        log.warning("moekit: compiling CPU kernels for tier %s once (about 30-60 s, then cached; "
+                    "MOEKIT_KERNELS=0 skips)", bt)
+    return load_inline(name, cpp_sources=[src], functions=FUNCTIONS,
+                       extra_cflags=["-O3", *TIER_FLAGS[bt], f"-DMOEKIT_NS=moekit_{bt}", *omp],
+                       verbose=False, **extra)
+
+
 def load():
-    """The compiled module, building it on first call; None when disabled or the build failed."""
-    global _module, _failed
-    if _module is not None or _failed is not None:
-        return _module
+    """The compiled module for the current tier (`isa.tier()`), building it on first call; None
+    when disabled, when no tier applies, or when the build failed (`build_error()` says why)."""
     if not enabled():
         return None
+    bt = BUILD_TIER[isa.tier()]
+    mod = _modules.get(bt)
+    if mod is not None or bt in _errors:
+        return mod
     with _lock:
-        if _module is not None or _failed is not None:
-            return _module
+        if bt in _modules or bt in _errors:
+            return _modules.get(bt)
         try:
-            from torch.utils.cpp_extension import load_inline
-
-            # One module: train_cpu.cpp follows moe_cpu.cpp and uses its vector helpers.
-            src = "\n".join(Path(__file__).with_name(f).read_text()
-                            for f in ("moe_cpu.cpp", "packed_cpu.cpp", "train_cpu.cpp", "alloc_cpu.cpp"))
-            # Visible by default (WARNING reaches stderr without logging config): a first forward
-            # that pauses for half a minute must say why. A cached build loads in about a second.
-            if not _cached_build_exists():
-                log.warning("moekit: compiling CPU kernels once (about 30 s, then cached; MOEKIT_KERNELS=0 skips)")
-            # at::parallel_for is a header template: with ATen's OpenMP backend it only runs in
-            # parallel when *this* file is compiled with -fopenmp (without it every kernel ran on
-            # one core). GOMP symbols resolve to the libgomp torch already loaded, so no second
-            # OpenMP runtime and no link flag.
-            omp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
-            _module = load_inline(
-                "moekit_cpu_kernels", cpp_sources=[src],
-                functions=[
-                    # inference (moe_cpu.cpp)
-                    "moe_experts", "moe_experts_topk", "linear_small", "decode_attention", "silu_mul", "combine_rows",
-                    # inference on packed weights (packed_cpu.cpp)
-                    "moe_experts_packed", "moe_experts_topk_packed",
-                    # training (train_cpu.cpp)
-                    "cross_entropy_rows", "causal_softmax_fwd", "causal_softmax_bwd", "rope_rows", "sum_rows",
-                    "combine_rows_backward", "silu_mul_backward", "rms_norm_fwd", "rms_norm_bwd",
-                    # caching allocator (alloc_cpu.cpp)
-                    "cpu_cache_enable", "cpu_cache_disable", "cpu_cache_empty", "cpu_cache_stats",
-                ],
-                extra_cflags=["-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mavx512bf16", *omp],
-                verbose=False,
-            )
+            _modules[bt] = build(bt)
         except Exception as exc:  # no compiler, no ninja, odd toolchain: the fallback is correct
-            _failed = f"{type(exc).__name__}: {exc}"
-            log.warning("moekit CPU kernels unavailable, using PyTorch ops (%s)", _failed.splitlines()[0])
-    return _module
+            _errors[bt] = f"{type(exc).__name__}: {exc}"
+            log.warning("moekit CPU kernels (%s) unavailable, using PyTorch ops (%s)", bt,
+                        _errors[bt].splitlines()[0])
+    return _modules.get(bt)
+
+
+def tier() -> str:
+    """The tier of the compiled module in use now (`isa.tier()` when its module is built), or
+    "off" (switched off, no tier, or the build failed)."""
+    return isa.tier() if load() is not None else "off"
+
+
+def build_error() -> str | None:
+    """Why the current tier's module failed to build (the exception and compiler output), or None."""
+    if not enabled():
+        return None
+    return _errors.get(BUILD_TIER[isa.tier()])
 
 
 def available() -> bool:
@@ -188,12 +275,14 @@ def available() -> bool:
 
 
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether a kernel may run on these tensors now: CPU, bf16/fp32, one dtype, no autograd."""
+    """Whether a kernel may run on these tensors now: all on CPU, x bf16 or fp32, each weight of
+    x's dtype or bf16 under an fp32 x (the mixed rule: weights may be bf16 while x is fp32;
+    otherwise one dtype), no autograd, and the kernels built for the current tier."""
     dt = x.dtype
     if not x.is_cpu or (dt is not torch.bfloat16 and dt is not torch.float32):
         return False
     for w in weights:
-        if not w.is_cpu or w.dtype is not dt:
+        if not w.is_cpu or (w.dtype is not dt and not (dt is torch.float32 and w.dtype is torch.bfloat16)):
             return False
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return False
@@ -295,7 +384,7 @@ class PackedExperts:
 
 def packable(w13_EHD: torch.Tensor, w2_EDF: torch.Tensor, act: str) -> bool:
     """Whether `pack_experts` applies: CPU weights in bf16 (with an even model dim) or fp32, and a
-    kernel activation."""
+    kernel activation. bf16-packed weights take bf16 or fp32 rows (the mixed rule of `usable`)."""
     dt = w13_EHD.dtype
     return (act in ACTS and dt in (torch.bfloat16, torch.float32) and w2_EDF.dtype == dt
             and w13_EHD.device.type == "cpu" and (dt == torch.float32 or w13_EHD.shape[-1] % 2 == 0))
@@ -404,10 +493,17 @@ def default_cache_limit_mb() -> int:
     return int(min(4096, phys_mb // 4))
 
 
+_cache_mod = None
+"""The module whose allocator `cpu_cache` installed: every cache call goes to it, whatever the tier now."""
+
+
 def cpu_cache(on: bool) -> bool:
     """Install (on) or remove torch's caching CPU allocator for blocks of 1 MiB and more (see
     `moekit.utils.retain_freed_memory`). Returns whether it is installed now; False without kernels."""
-    mod = load() if on else _module
+    global _cache_mod
+    if on and _cache_mod is None:
+        _cache_mod = load()
+    mod = _cache_mod
     if mod is None:
         return False
     if on:
@@ -420,15 +516,15 @@ def cpu_cache(on: bool) -> bool:
 
 def cpu_cache_empty() -> None:
     """Return every cached free block of the caching CPU allocator to the OS."""
-    if _module is not None:
-        _module.cpu_cache_empty()
+    if _cache_mod is not None:
+        _cache_mod.cpu_cache_empty()
 
 
 def cpu_cache_stats() -> dict[str, int]:
     """The caching CPU allocator's counters: installed, hits, misses, and bytes cached (free), owned
     (free + live) and peak owned."""
     keys = ("installed", "hits", "misses", "cached_bytes", "owned_bytes", "peak_owned_bytes")
-    return dict(zip(keys, _module.cpu_cache_stats() if _module is not None else [0] * 6))
+    return dict(zip(keys, _cache_mod.cpu_cache_stats() if _cache_mod is not None else [0] * 6))
 
 
 def _mod():

@@ -12,11 +12,6 @@
 // Blocks are 2 MiB aligned and advised MADV_HUGEPAGE from 2 MiB up (transparent huge pages where
 // the kernel allows them: 512x fewer faults on first touch, fewer TLB misses). Smaller requests go
 // to the allocator that was installed before. Freed blocks above `limit` bytes are returned.
-#include <c10/core/CPUAllocator.h>
-#include <sys/mman.h>
-#include <cstdlib>
-#include <mutex>
-#include <unordered_map>
 
 namespace {
 

@@ -88,6 +88,14 @@ def supported_tiers(flags: frozenset[str] | None = None) -> list[str]:
     return [t for t in TIERS if _NEEDS[t] <= flags]
 
 
+def missing_flags(name: str, flags: frozenset[str] | None = None) -> list[str]:
+    """The /proc/cpuinfo flags tier `name` needs that this CPU (or these flags) lacks, sorted
+    (all of them off x86)."""
+    if flags is None:
+        flags = cpu_flags() if is_x86() else frozenset()
+    return sorted(_NEEDS[name] - flags)
+
+
 def _requested() -> str:
     return os.environ.get(ENV, "auto").strip().lower() or "auto"
 

@@ -1,5 +1,7 @@
-// moekit CPU kernels, part 2: the MoE expert block on pre-packed weights (AVX512-BF16 vdpbf16ps in
-// bf16, AVX-512 FMA in fp32). Concatenated after moe_cpu.cpp, whose helpers it uses.
+// moekit CPU kernels, part 2: the MoE expert block on pre-packed weights: vdpbf16ps for bf16 x bf16
+// on the AVX512-BF16 tier; elsewhere fp32 FMA over fp32 activations, bf16 weight pairs widened in
+// registers (the low half of each 32-bit pair is a 16-bit shift, the high half a mask). Concatenated
+// after moe_cpu.cpp, whose helpers it uses.
 //
 // Shape legend: D model dim, F expert hidden, Fp hidden padded to whole column groups, E experts,
 // S sorted rows, C = 32 columns per group, Dh and Fh the k-units of the two matmuls (D / u, Fp / u).
@@ -22,27 +24,36 @@
 
 namespace {
 
-constexpr int kPackC = 32;     // columns per group: two zmm of float32 accumulators per token
-constexpr int kPackMR = 14;    // tokens per register tile: 28 accumulators + 2 weight vectors
+constexpr int kPackC = 32;     // columns per group: 32 float32 accumulators per token
 constexpr int64_t kPackKc = 128;  // k-units per panel chunk kept in L1 across a group's tiles: 16 KB
 // Software prefetch distance along a lone tile's contiguous panel (bytes): the hardware prefetchers
 // fall behind one sequential stream here. 8 KiB beat 1, 2 and 4 KiB at 8 rows per expert
 // (Mixtral-style bf16 experts, weights streamed: 2.0 vs 2.3-2.6 ms); 16 KiB no better.
 constexpr int64_t kPackPrefetch = 8192;
 
-// c[m][0:32] (+)= sum over k-units [0, kp) of unit x[m][k] times the panel's 32 columns at k. x[m]
-// points at token m's first unit as int32 (a bf16 pair or a float's bits, broadcast to 16 lanes).
-// Prefetch: pf_ahead > 0 fetches the panel's own lines pf_ahead bytes ahead (a lone tile streaming
-// from DRAM); else, when pf_lines > 0, the first pf_lines steps each fetch one line of pf (the
-// next chunk, spread over the tiles that share this one).
-template <typename T, int MR>
-inline void packed_tile(const char* pb, int64_t kp, const int32_t* const* x, float* c, bool load, int64_t pf_ahead,
+// Tokens per register tile. vdpbf16ps (bf16 tier) and AVX-512 fp32: 14 tokens x 2 zmm
+// accumulators + 2 weight vectors. Widened bf16 pairs on AVX-512 need 4 weight vectors: 12. AVX2
+// (16 ymm, 4 accumulators per token): 3, the rest of the registers for the weights.
+template <typename TW, typename TX>
+constexpr int pack_mr() {
+  if constexpr (VL == 8) return 3;
+  else if constexpr (is_bf16<TW> && !is_bf16<TX>) return 12;
+  else return 14;
+}
+
+// c[m][0:32] (+)= sum over k-units [0, kp) of unit k of token m times the panel's 32 columns at
+// k. x[m] points at token m's first element of the chunk (a k-unit is a bf16 pair in bf16, one
+// float in fp32; the panel is 128 bytes per unit either way). Prefetch: pf_ahead > 0 fetches the
+// panel's own lines pf_ahead bytes ahead (a lone tile streaming from DRAM); else, when pf_lines >
+// 0, the first pf_lines steps each fetch one line of pf (the next chunk, spread over the tiles
+// that share this one).
+template <typename TW, typename TX, int MR>
+inline void packed_tile(const char* pb, int64_t kp, const TX* const* x, float* c, bool load, int64_t pf_ahead,
                         const char* pf, int64_t pf_lines) {
-  __m512 a0[MR], a1[MR];
-  for (int m = 0; m < MR; ++m) {
-    a0[m] = load ? _mm512_loadu_ps(c + m * kPackC) : _mm512_setzero_ps();
-    a1[m] = load ? _mm512_loadu_ps(c + m * kPackC + 16) : _mm512_setzero_ps();
-  }
+  constexpr int NV = kPackC / VL;  // accumulator vectors per token
+  vf a[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NV; ++j) a[m][j] = load ? vload(c + m * kPackC + j * VL) : vzero();
   for (int64_t k = 0; k < kp; ++k) {
     if (pf_ahead) {
       _mm_prefetch(pb + k * 128 + pf_ahead, _MM_HINT_T0);
@@ -50,60 +61,76 @@ inline void packed_tile(const char* pb, int64_t kp, const int32_t* const* x, flo
     } else if (k < pf_lines) {
       _mm_prefetch(pf + k * 64, _MM_HINT_T0);
     }
-    const __m512i w0 = _mm512_loadu_si512((const void*)(pb + k * 128));
-    const __m512i w1 = _mm512_loadu_si512((const void*)(pb + k * 128 + 64));
-    for (int m = 0; m < MR; ++m) {
-      const __m512i xb = _mm512_set1_epi32(x[m][k]);  // one bf16 pair, or one float's bits
-      if constexpr (std::is_same_v<T, bf16>) {
-        a0[m] = _mm512_dpbf16_ps(a0[m], (__m512bh)w0, (__m512bh)xb);
-        a1[m] = _mm512_dpbf16_ps(a1[m], (__m512bh)w1, (__m512bh)xb);
-      } else {
-        a0[m] = _mm512_fmadd_ps(_mm512_castsi512_ps(w0), _mm512_castsi512_ps(xb), a0[m]);
-        a1[m] = _mm512_fmadd_ps(_mm512_castsi512_ps(w1), _mm512_castsi512_ps(xb), a1[m]);
+#ifdef MOEKIT_BF16DP
+    if constexpr (is_bf16<TX>) {  // one bf16 pair per token, broadcast; vdpbf16ps multiplies pairs
+      const __m512i w0 = _mm512_loadu_si512((const void*)(pb + k * 128));
+      const __m512i w1 = _mm512_loadu_si512((const void*)(pb + k * 128 + 64));
+      for (int m = 0; m < MR; ++m) {
+        const __m512i xb = _mm512_set1_epi32(reinterpret_cast<const int32_t*>(x[m])[k]);
+        a[m][0] = _mm512_dpbf16_ps(a[m][0], (__m512bh)w0, (__m512bh)xb);
+        a[m][1] = _mm512_dpbf16_ps(a[m][1], (__m512bh)w1, (__m512bh)xb);
+      }
+      continue;
+    }
+#endif
+    if constexpr (is_bf16<TW>) {  // pairs (k even, k odd) per column: widen both halves
+      for (int j = 0; j < NV; ++j) {
+        const vi w = vload_i(pb + k * 128 + j * VL * 4);
+        const vf we = vlo_bf16(w), wo = vhi_bf16(w);
+        for (int m = 0; m < MR; ++m)
+          a[m][j] = vfma(wo, vset1(x[m][2 * k + 1]), vfma(we, vset1(x[m][2 * k]), a[m][j]));
+      }
+    } else {
+      for (int j = 0; j < NV; ++j) {
+        const vf w = vload(reinterpret_cast<const float*>(pb + k * 128) + j * VL);
+        for (int m = 0; m < MR; ++m) a[m][j] = vfma(w, vset1(x[m][k]), a[m][j]);
       }
     }
   }
-  for (int m = 0; m < MR; ++m) {
-    _mm512_storeu_ps(c + m * kPackC, a0[m]);
-    _mm512_storeu_ps(c + m * kPackC + 16, a1[m]);
-  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NV; ++j) vstore(c + m * kPackC + j * VL, a[m][j]);
 }
 
-template <typename T, int MR>
-inline void packed_tile_k(const char* panel, int64_t kp, const int32_t* const* x, int64_t k0, float* c, bool load,
+// Elements of activations per k-unit: a bf16 pair for bf16 weights, one float for fp32.
+template <typename TW>
+constexpr int64_t kUnit = is_bf16<TW> ? 2 : 1;
+
+template <typename TW, typename TX, int MR>
+inline void packed_tile_k(const char* panel, int64_t kp, const TX* const* x, int64_t k0, float* c, bool load,
                           int64_t pf_ahead, const char* pf, int64_t pf_lines) {
-  const int32_t* xs[MR];
-  for (int m = 0; m < MR; ++m) xs[m] = x[m] + k0;
-  packed_tile<T, MR>(panel + k0 * 128, kp, xs, c, load, pf_ahead, pf, pf_lines);
+  const TX* xs[MR];
+  for (int m = 0; m < MR; ++m) xs[m] = x[m] + k0 * kUnit<TW>;
+  packed_tile<TW, TX, MR>(panel + k0 * 128, kp, xs, c, load, pf_ahead, pf, pf_lines);
 }
 
-// The tile for mr (1..kPackMR) tokens, picked at run time.
-template <typename T>
-inline void packed_tile_mr(int mr, const char* panel, int64_t kp, const int32_t* const* x, int64_t k0, float* c,
+// The tile for mr (1..N) tokens, picked at run time (one instantiation per count).
+template <typename TW, typename TX, int N>
+inline void packed_tile_mr(int mr, const char* panel, int64_t kp, const TX* const* x, int64_t k0, float* c,
                            bool load, int64_t pf_ahead, const char* pf, int64_t pf_lines) {
-  switch (mr) {
-#define MOEKIT_TILE(N) case N: packed_tile_k<T, N>(panel, kp, x, k0, c, load, pf_ahead, pf, pf_lines); break;
-    MOEKIT_TILE(1) MOEKIT_TILE(2) MOEKIT_TILE(3) MOEKIT_TILE(4) MOEKIT_TILE(5) MOEKIT_TILE(6) MOEKIT_TILE(7)
-    MOEKIT_TILE(8) MOEKIT_TILE(9) MOEKIT_TILE(10) MOEKIT_TILE(11) MOEKIT_TILE(12) MOEKIT_TILE(13)
-    default: packed_tile_k<T, kPackMR>(panel, kp, x, k0, c, load, pf_ahead, pf, pf_lines); break;
-#undef MOEKIT_TILE
+  if constexpr (N > 1) {
+    if (mr < N) {
+      packed_tile_mr<TW, TX, N - 1>(mr, panel, kp, x, k0, c, load, pf_ahead, pf, pf_lines);
+      return;
+    }
   }
+  packed_tile_k<TW, TX, N>(panel, kp, x, k0, c, load, pf_ahead, pf, pf_lines);
 }
 
-// c[m][0:32] = token m's sums over one whole group panel (kh k-pairs), for all n tokens of an
-// expert. Plan: 1. split the n tokens into the fewest tiles of at most kPackMR, sized evenly (16
+// c[m][0:32] = token m's sums over one whole group panel (kh k-units), for all n tokens of an
+// expert. Plan: 1. split the n tokens into the fewest tiles of at most MR, sized evenly (16
 // tokens run as 8 + 8, not 14 + 2); 2. one tile: stream the panel once, prefetching ahead; several:
-// walk the panel in chunks of kPackKc pairs held in L1 for all the tiles, the partial sums parked in
+// walk the panel in chunks of kPackKc units held in L1 for all the tiles, the partial sums parked in
 // c between chunks, while the tiles together prefetch the next chunk (the panels of a thread's
 // consecutive groups are contiguous, so past a group's end that is the next group's start). With
 // only the first tile prefetching, DRAM idled while the others ran: the Mixtral-style experts at 16
 // rows each took 4.4 ms against 3.2 ms with the prefetch spread (bf16, weights streamed).
-template <typename T>
-inline void packed_group(const char* pb, int64_t kh, const int32_t* const* x, int64_t n, float* c) {
-  const int64_t tiles = (n + kPackMR - 1) / kPackMR;
+template <typename TW, typename TX>
+inline void packed_group(const char* pb, int64_t kh, const TX* const* x, int64_t n, float* c) {
+  constexpr int MR = pack_mr<TW, TX>();
+  const int64_t tiles = (n + MR - 1) / MR;
   const int mr = (int)((n + tiles - 1) / tiles);
   if (tiles == 1) {
-    packed_tile_mr<T>(mr, pb, kh, x, 0, c, false, kPackPrefetch, nullptr, 0);
+    packed_tile_mr<TW, TX, MR>(mr, pb, kh, x, 0, c, false, kPackPrefetch, nullptr, 0);
     return;
   }
   for (int64_t k0 = 0; k0 < kh; k0 += kPackKc) {
@@ -113,13 +140,13 @@ inline void packed_group(const char* pb, int64_t kh, const int32_t* const* x, in
     for (int64_t m0 = 0; m0 < n; m0 += mr, ++t) {
       const int mb = (int)std::min<int64_t>(mr, n - m0);
       const int64_t first = t * per_tile;
-      packed_tile_mr<T>(mb, pb, kp, x + m0, k0, c + m0 * kPackC, k0 > 0, 0, pb + (k0 + kp) * 128 + first * 64,
-                     std::min(per_tile, std::max<int64_t>(0, lines - first)));
+      packed_tile_mr<TW, TX, MR>(mb, pb, kp, x + m0, k0, c + m0 * kPackC, k0 > 0, 0, pb + (k0 + kp) * 128 + first * 64,
+                                 std::min(per_tile, std::max<int64_t>(0, lines - first)));
     }
   }
 }
 
-template <typename T>
+template <typename TW, typename TX>
 void moe_experts_packed_impl(const torch::Tensor& x, const torch::Tensor& p13, const torch::Tensor& p2,
                              const int64_t* starts, const int64_t* counts, const int64_t* src, const int64_t* dst,
                              const float* scale, torch::Tensor& out, int64_t act) {
@@ -135,15 +162,16 @@ void moe_experts_packed_impl(const torch::Tensor& x, const torch::Tensor& p13, c
   int64_t S = 0;
   for (int64_t e = 0; e < E; ++e) S = std::max(S, starts[e] + counts[e]);
   auto a_buf = torch::empty({std::max<int64_t>(S, 1), Fp}, x.options());
-  const int32_t* xp = reinterpret_cast<const int32_t*>(x.data_ptr<T>());
-  const char* w13p = reinterpret_cast<const char*>(p13.data_ptr<T>());
-  const char* w2p = reinterpret_cast<const char*>(p2.data_ptr<T>());
-  T* ap = a_buf.data_ptr<T>();
+  const TX* xp = x.data_ptr<TX>();
+  const char* w13p = reinterpret_cast<const char*>(p13.data_ptr<TW>());
+  const char* w2p = reinterpret_cast<const char*>(p2.data_ptr<TW>());
+  TX* ap = a_buf.data_ptr<TX>();
   float* op = out.data_ptr<float>();
   const int64_t panel13 = Dh * 128, panel2 = Fh * 128;  // bytes: 32 columns x one k-unit = 128 B
+  const int64_t Dx = Dh * kUnit<TW>;  // elements per input row
 
   at::parallel_for(0, G1, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<const int32_t*> xr;
+    std::vector<const TX*> xr;
     std::vector<float> c;
     for (int64_t e = 0; e < E; ++e) {
       const int64_t n = counts[e];
@@ -152,17 +180,17 @@ void moe_experts_packed_impl(const torch::Tensor& x, const torch::Tensor& p13, c
       c.resize(n * kPackC);
       for (int64_t m = 0; m < n; ++m) {
         const int64_t s = starts[e] + m;
-        xr[m] = xp + (src ? src[s] : s) * Dh;
+        xr[m] = xp + (src ? src[s] : s) * Dx;
       }
       for (int64_t g = lo; g < hi; ++g) {
-        packed_group<T>(w13p + (e * G1 + g) * panel13, Dh, xr.data(), n, c.data());
+        packed_group<TW, TX>(w13p + (e * G1 + g) * panel13, Dh, xr.data(), n, c.data());
         for (int64_t m = 0; m < n; ++m) {
           const float* cm = c.data() + m * kPackC;
-          T* arow = ap + (starts[e] + m) * Fp;
+          TX* arow = ap + (starts[e] + m) * Fp;
           if (gated) {  // 16 gate sums then 16 up sums -> 16 activations
-            activate_row<T>(cm, cm + 16, 16, act, arow + 16 * g);
+            activate_row<TX>(cm, cm + 16, 16, act, arow + 16 * g);
           } else {
-            activate_row<T>(cm, nullptr, kPackC, act, arow + kPackC * g);
+            activate_row<TX>(cm, nullptr, kPackC, act, arow + kPackC * g);
           }
         }
       }
@@ -170,28 +198,26 @@ void moe_experts_packed_impl(const torch::Tensor& x, const torch::Tensor& p13, c
   });
   // Phase 2 starts after every activation exists (parallel_for returns = barrier).
   at::parallel_for(0, G2, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<const int32_t*> ar;
+    std::vector<const TX*> ar;
     std::vector<float> c;
     for (int64_t e = 0; e < E; ++e) {
       const int64_t n = counts[e];
       if (n <= 0) continue;
       ar.resize(n);
       c.resize(n * kPackC);
-      for (int64_t m = 0; m < n; ++m) ar[m] = reinterpret_cast<const int32_t*>(ap + (starts[e] + m) * Fp);
+      for (int64_t m = 0; m < n; ++m) ar[m] = ap + (starts[e] + m) * Fp;
       for (int64_t g = lo; g < hi; ++g) {
-        packed_group<T>(w2p + (e * G2 + g) * panel2, Fh, ar.data(), n, c.data());
+        packed_group<TW, TX>(w2p + (e * G2 + g) * panel2, Fh, ar.data(), n, c.data());
         const int64_t d0 = g * kPackC, w = std::min<int64_t>(kPackC, D - d0);
-        const __mmask16 m0 = w >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << w) - 1);
-        const __mmask16 m1 = w >= 32 ? (__mmask16)0xffff : w > 16 ? (__mmask16)((1u << (w - 16)) - 1) : (__mmask16)0;
         for (int64_t m = 0; m < n; ++m) {
           const int64_t s = starts[e] + m;
           float* o = op + (dst ? dst[s] : s) * D + d0;
-          const __m512 sc = _mm512_set1_ps(scale ? scale[s] : 1.0f);
+          const vf sc = vset1(scale ? scale[s] : 1.0f);
           const float* cm = c.data() + m * kPackC;
-          _mm512_mask_storeu_ps(o, m0, _mm512_fmadd_ps(sc, _mm512_loadu_ps(cm), _mm512_maskz_loadu_ps(m0, o)));
-          if (m1)
-            _mm512_mask_storeu_ps(o + 16, m1,
-                                  _mm512_fmadd_ps(sc, _mm512_loadu_ps(cm + 16), _mm512_maskz_loadu_ps(m1, o + 16)));
+          for (int64_t j = 0; j < w; j += VL) {
+            const int nl = tail(w - j);
+            vstoren(o + j, vfma(sc, vload(cm + j), vloadn(o + j, nl)), nl);
+          }
         }
       }
     }
@@ -199,12 +225,12 @@ void moe_experts_packed_impl(const torch::Tensor& x, const torch::Tensor& p13, c
 }
 
 void check_packed(const torch::Tensor& x, const torch::Tensor& p13, const torch::Tensor& p2, const torch::Tensor& out) {
-  const auto dt = x.scalar_type();
-  TORCH_CHECK((dt == torch::kBFloat16 || dt == torch::kFloat32) && p13.scalar_type() == dt && p2.scalar_type() == dt,
-              "moe_experts_packed: x and the packed weights must share a dtype, bfloat16 or float32");
+  const auto wt = p13.scalar_type();
+  TORCH_CHECK(p2.scalar_type() == wt, "moe_experts_packed: p13 and p2 must share a dtype");
+  check_mix("moe_experts_packed", x.scalar_type(), wt);
   TORCH_CHECK(x.is_contiguous() && p13.is_contiguous() && p2.is_contiguous() && out.is_contiguous(),
               "moe_experts_packed: tensors must be contiguous");
-  const int64_t u = dt == torch::kBFloat16 ? 2 : 1;  // elements per k-unit
+  const int64_t u = wt == torch::kBFloat16 ? 2 : 1;  // elements per k-unit
   TORCH_CHECK(p13.dim() == 5 && p2.dim() == 5 && p13.size(3) == kPackC && p2.size(3) == kPackC &&
                   p13.size(4) == u && p2.size(4) == u && p13.size(0) == p2.size(0),
               "moe_experts_packed: weights must come from kernels.pack_experts ([E, G, K/u, 32, u])");
@@ -216,18 +242,18 @@ void check_packed(const torch::Tensor& x, const torch::Tensor& p13, const torch:
 
 }  // namespace
 
-// moe_experts on packed weights (kernels.pack_experts): same contract otherwise; bf16 or fp32.
+// moe_experts on packed weights (kernels.pack_experts): same contract otherwise; packed weights
+// bf16 or fp32, x their dtype or fp32 with bf16 weights.
 void moe_experts_packed(torch::Tensor x, torch::Tensor p13, torch::Tensor p2, torch::Tensor starts,
                         torch::Tensor counts, torch::Tensor src, torch::Tensor dst, torch::Tensor scale,
                         torch::Tensor out, int64_t act) {
   check_packed(x, p13, p2, out);
   const float* sc = scale.numel() ? scale.data_ptr<float>() : nullptr;
-  if (x.scalar_type() == torch::kBFloat16)
-    moe_experts_packed_impl<bf16>(x, p13, p2, starts.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), opt_i64(src),
-                                  opt_i64(dst), sc, out, act);
-  else
-    moe_experts_packed_impl<float>(x, p13, p2, starts.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), opt_i64(src),
-                                   opt_i64(dst), sc, out, act);
+  dispatch_mix(x, p13.scalar_type(), [&](auto tw, auto tx, const torch::Tensor& xc) {
+    moe_experts_packed_impl<decltype(tw), decltype(tx)>(xc, p13, p2, starts.data_ptr<int64_t>(),
+                                                        counts.data_ptr<int64_t>(), opt_i64(src), opt_i64(dst), sc,
+                                                        out, act);
+  });
 }
 
 // moe_experts_topk on packed weights.

@@ -1,8 +1,8 @@
 // moekit CPU training kernels, each one pass over rows in float32 registers (forward and
 // backward), threaded with at::parallel_for: fused cross-entropy, causal softmax, rotary embedding,
 // RMSNorm, and for the MoE layer the weighted combine / gather backward, the combine backward and
-// the SwiGLU backward. The inference combine (`combine_rows`) shares the weighted row sum. Compiled into the same module as moe_cpu.cpp (it follows that file: exp16,
-// store16, load16).
+// the SwiGLU backward. The inference combine (`combine_rows`) shares the weighted row sum. Compiled into the same module as moe_cpu.cpp, over
+// the SIMD layer of simd.h (vloadn, vstoren, vexp: AVX2 or AVX-512 per tier).
 //
 // Shape legend: N rows (target positions, query rows of all heads, or tokens), V vocabulary,
 // S queries (attention) or rows grouped by expert (MoE), L keys, C row stride of a strided input,
@@ -28,12 +28,6 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char*)p + o, _MM_HINT_T0);
 }
 
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
-inline __m512 load16m(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16m(const bf16* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
 // Row r of logits: loss[r] = logsumexp(x) - x[t] (0 when t == ignore); with grad, g[r] = scale *
 // (softmax(x) - onehot(t)) (0 for ignored rows). exp values wait in a per-thread float buffer
 // between the sum and the store, so each element's exp is computed once.
@@ -47,34 +41,34 @@ void cross_entropy_impl(const T* x, const int64_t* tgt, int64_t N, int64_t V, in
       const int64_t t = tgt[r];
       if (t == ignore) {
         loss[r] = 0.0f;
-        if (g) for (int64_t j = 0; j < V; j += 16) store16(g + r * V + j, _mm512_setzero_ps(), tail_mask(V - j));
+        if (g) for (int64_t j = 0; j < V; j += VL) vstoren(g + r * V + j, vzero(), tail(V - j));
         continue;
       }
-      __m512 mx = _mm512_set1_ps(-INFINITY);
+      vf mx = vset1(-INFINITY);
       const bool ahead = r + 1 < hi;
-      for (int64_t j = 0; j < V; j += 16) {
-        const __mmask16 m = tail_mask(V - j);
+      for (int64_t j = 0; j < V; j += VL) {
+        const int m = tail(V - j);
         if (ahead && (j * (int64_t)sizeof(T)) % 64 == 0) _mm_prefetch((const char*)(xr + V + j), _MM_HINT_T0);  // next row
-        mx = _mm512_mask_max_ps(mx, m, mx, load16m(xr + j, m));
+        mx = vmax_n(mx, vloadn(xr + j, m), m);
       }
-      const float xmax = _mm512_reduce_max_ps(mx);
-      const __m512 vmax = _mm512_set1_ps(xmax);
-      __m512 sum = _mm512_setzero_ps();
-      for (int64_t j = 0; j < V; j += 16) {
-        const __mmask16 m = tail_mask(V - j);
-        const __m512 ev = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(load16m(xr + j, m), vmax)));
-        _mm512_mask_storeu_ps(e.data() + j, m, ev);
-        sum = _mm512_add_ps(sum, ev);
+      const float xmax = vhmax(mx);
+      const vf vmax = vset1(xmax);
+      vf sum = vzero();
+      for (int64_t j = 0; j < V; j += VL) {
+        const int m = tail(V - j);
+        const vf ev = vkeep(vexp(vsub(vloadn(xr + j, m), vmax)), m);
+        vstoren(e.data() + j, ev, m);
+        sum = vadd(sum, ev);
       }
-      const float s = _mm512_reduce_add_ps(sum);
+      const float s = vhsum(sum);
       loss[r] = std::log(s) + xmax - (float)xr[t];
       if (!g) continue;
-      const __m512 f = _mm512_set1_ps(scale / s);
+      const vf f = vset1(scale / s);
       T* gr = g + r * V;
       e[t] -= s;  // (e[t] - s) * scale / s = scale * (p[t] - 1)
-      for (int64_t j = 0; j < V; j += 16) {
-        const __mmask16 m = tail_mask(V - j);
-        store16(gr + j, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, e.data() + j), f), m);
+      for (int64_t j = 0; j < V; j += VL) {
+        const int m = tail(V - j);
+        vstoren(gr + j, vmul(vloadn(e.data() + j, m), f), m);
       }
     }
   });
@@ -84,7 +78,7 @@ void cross_entropy_impl(const T* x, const int64_t* tgt, int64_t N, int64_t V, in
 // scaled by `scale` first, in float32; masked entries get probability 0.
 template <typename T>
 void causal_softmax_fwd_impl(const T* s, T* p, int64_t R, int64_t S, int64_t L, float scale) {
-  const __m512 vs = _mm512_set1_ps(scale);
+  const vf vs = vset1(scale);
   at::parallel_for(0, R * S, 16, [&](int64_t lo, int64_t hi) {
     std::vector<float> e(L);
     for (int64_t row = lo; row < hi; ++row) {
@@ -92,26 +86,26 @@ void causal_softmax_fwd_impl(const T* s, T* p, int64_t R, int64_t S, int64_t L, 
       const T* sr = s + row * L;
       T* pr = p + row * L;
       if (row + kRowsAhead < hi) prefetch_bytes(sr + kRowsAhead * L, std::min(L, (row + kRowsAhead) % S + L - S + 1) * (int64_t)sizeof(T));
-      __m512 mx = _mm512_set1_ps(-INFINITY);
-      for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = tail_mask(n - j);
-        mx = _mm512_mask_max_ps(mx, m, mx, _mm512_mul_ps(load16m(sr + j, m), vs));
+      vf mx = vset1(-INFINITY);
+      for (int64_t j = 0; j < n; j += VL) {
+        const int m = tail(n - j);
+        mx = vmax_n(mx, vmul(vloadn(sr + j, m), vs), m);
       }
-      const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-      __m512 sum = _mm512_setzero_ps();
-      for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = tail_mask(n - j);
-        const __m512 ev = _mm512_maskz_mov_ps(m, exp16(_mm512_fmsub_ps(load16m(sr + j, m), vs, vmax)));
-        _mm512_mask_storeu_ps(e.data() + j, m, ev);
-        sum = _mm512_add_ps(sum, ev);
+      const vf vmax = vset1(vhmax(mx));
+      vf sum = vzero();
+      for (int64_t j = 0; j < n; j += VL) {
+        const int m = tail(n - j);
+        const vf ev = vkeep(vexp(vfms(vloadn(sr + j, m), vs, vmax)), m);
+        vstoren(e.data() + j, ev, m);
+        sum = vadd(sum, ev);
       }
-      const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+      const vf inv = vset1(1.0f / vhsum(sum));
       int64_t j = 0;
-      for (; j < n; j += 16) {
-        const __mmask16 m = tail_mask(n - j);
-        store16(pr + j, _mm512_maskz_mov_ps(m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, e.data() + j), inv)), 0xffff & tail_mask(L - j));
+      for (; j < n; j += VL) {
+        const int m = tail(n - j);
+        vstoren(pr + j, vkeep(vmul(vloadn(e.data() + j, m), inv), m), tail(L - j));
       }
-      for (; j < L; j += 16) store16(pr + j, _mm512_setzero_ps(), tail_mask(L - j));
+      for (; j < L; j += VL) vstoren(pr + j, vzero(), tail(L - j));
     }
   });
 }
@@ -131,19 +125,19 @@ void causal_softmax_bwd_impl(const T* p, const G* dp, T* ds, int64_t R, int64_t 
         prefetch_bytes(pr + kRowsAhead * L, na * (int64_t)sizeof(T));
         prefetch_bytes(gr + kRowsAhead * L, na * (int64_t)sizeof(G));
       }
-      __m512 dot = _mm512_setzero_ps();
-      for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = tail_mask(n - j);
-        dot = _mm512_fmadd_ps(load16m(pr + j, m), load16m(gr + j, m), dot);
+      vf dot = vzero();
+      for (int64_t j = 0; j < n; j += VL) {
+        const int m = tail(n - j);
+        dot = vfma(vloadn(pr + j, m), vloadn(gr + j, m), dot);
       }
-      const __m512 vd = _mm512_set1_ps(_mm512_reduce_add_ps(dot)), vs = _mm512_set1_ps(scale);
+      const vf vd = vset1(vhsum(dot)), vs = vset1(scale);
       int64_t j = 0;
-      for (; j < n; j += 16) {
-        const __mmask16 m = tail_mask(n - j);
-        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(load16m(pr + j, m), _mm512_sub_ps(load16m(gr + j, m), vd)), vs);
-        store16(o + j, _mm512_maskz_mov_ps(m, v), tail_mask(L - j));
+      for (; j < n; j += VL) {
+        const int m = tail(n - j);
+        const vf v = vmul(vmul(vloadn(pr + j, m), vsub(vloadn(gr + j, m), vd)), vs);
+        vstoren(o + j, vkeep(v, m), tail(L - j));
       }
-      for (; j < L; j += 16) store16(o + j, _mm512_setzero_ps(), tail_mask(L - j));
+      for (; j < L; j += VL) vstoren(o + j, vzero(), tail(L - j));
     }
   });
 }
@@ -156,7 +150,7 @@ template <typename T>
 void rope_impl(const T* x, int64_t C, const float* c, const float* sn, T* y, int64_t N, int64_t P, int64_t d,
                float sign) {
   const int64_t h = d / 2;
-  const __m512 vsg = _mm512_set1_ps(sign);
+  const vf vsg = vset1(sign);
   const bool inv = sign < 0;
   at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
@@ -170,14 +164,14 @@ void rope_impl(const T* x, int64_t C, const float* c, const float* sn, T* y, int
       for (int64_t p = 0; p < P; ++p) {
         const T* xr = x + r * C + p * d;
         T* yr = y + (r * P + p) * d;
-        for (int64_t i = 0; i < h; i += 16) {
-          const __mmask16 m = tail_mask(h - i);
-          const __m512 x1 = load16m(xr + i, m), x2 = load16m(xr + h + i, m);
+        for (int64_t i = 0; i < h; i += VL) {
+          const int m = tail(h - i);
+          const vf x1 = vloadn(xr + i, m), x2 = vloadn(xr + h + i, m);
           // The inverse (transposed) rotation also swaps which half's sine multiplies which.
-          const __m512 s1 = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sr + (inv ? h : 0) + i), vsg);
-          const __m512 s2 = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sr + (inv ? 0 : h) + i), vsg);
-          store16(yr + i, _mm512_fnmadd_ps(x2, s1, _mm512_mul_ps(x1, _mm512_maskz_loadu_ps(m, cr + i))), m);
-          store16(yr + h + i, _mm512_fmadd_ps(x1, s2, _mm512_mul_ps(x2, _mm512_maskz_loadu_ps(m, cr + h + i))), m);
+          const vf s1 = vmul(vloadn(sr + (inv ? h : 0) + i, m), vsg);
+          const vf s2 = vmul(vloadn(sr + (inv ? 0 : h) + i, m), vsg);
+          vstoren(yr + i, vfnma(x2, s1, vmul(x1, vloadn(cr + i, m))), m);
+          vstoren(yr + h + i, vfma(x1, s2, vmul(x2, vloadn(cr + h + i, m))), m);
         }
       }
     }
@@ -270,16 +264,16 @@ void weighted_row_sum(const TY* yp, const int64_t* iv, const float* sc, int64_t 
           const int64_t s = iv[(t + kRowsAhead) * K + k];
           if (s >= 0) prefetch_bytes(yp + s * D, D * (int64_t)sizeof(TY));
         }
-      for (int64_t d = 0; d < D; d += 16) {
-        const __mmask16 m = tail_mask(D - d);
-        __m512 acc = ACC ? load16m(op + t * D + d, m) : _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += VL) {
+        const int m = tail(D - d);
+        vf acc = ACC ? vloadn(op + t * D + d, m) : vzero();
         for (int64_t k = 0; k < K; ++k) {
           const int64_t s = iv[t * K + k];
           if (s < 0) continue;
-          const __m512 v = load16m(yp + s * D + d, m);
-          acc = sc ? _mm512_fmadd_ps(_mm512_set1_ps(sc[s]), v, acc) : _mm512_add_ps(acc, v);
+          const vf v = vloadn(yp + s * D + d, m);
+          acc = sc ? vfma(vset1(sc[s]), v, acc) : vadd(acc, v);
         }
-        store16(op + t * D + d, acc, m);
+        vstoren(op + t * D + d, acc, m);
       }
     }
   });
@@ -353,19 +347,19 @@ std::vector<torch::Tensor> combine_rows_backward(torch::Tensor g, torch::Tensor 
         const auto* gr = gp + tp[s] * D;
         const auto* yr = yp + s * D;
         auto* o = op + s * D;
-        const __m512 ws = _mm512_set1_ps(wp[s]);
+        const vf ws = vset1(wp[s]);
         if (s + kRowsAhead < hi) {
           prefetch_bytes(gp + tp[s + kRowsAhead] * D, D * (int64_t)sizeof(*gp));
           prefetch_bytes(yr + kRowsAhead * D, D * (int64_t)sizeof(*yp));
         }
-        __m512 dot = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16) {
-          const __mmask16 m = tail_mask(D - d);
-          const __m512 gv = load16m(gr + d, m);
-          dot = _mm512_fmadd_ps(gv, load16m(yr + d, m), dot);
-          store16(o + d, _mm512_mul_ps(gv, ws), m);
+        vf dot = vzero();
+        for (int64_t d = 0; d < D; d += VL) {
+          const int m = tail(D - d);
+          const vf gv = vloadn(gr + d, m);
+          dot = vfma(gv, vloadn(yr + d, m), dot);
+          vstoren(o + d, vmul(gv, ws), m);
         }
-        gwp[s] = _mm512_reduce_add_ps(dot);
+        gwp[s] = vhsum(dot);
       }
     });
   };
@@ -385,23 +379,23 @@ torch::Tensor silu_mul_backward(torch::Tensor h, torch::Tensor g) {
   auto dh = torch::empty_like(h);
   auto run = [&](auto* hp, auto* gp, auto* op) {
     at::parallel_for(0, S, 16, [&](int64_t lo, int64_t hi) {
-      const __m512 one = _mm512_set1_ps(1.0f);
+      const vf one = vset1(1.0f);
       for (int64_t s = lo; s < hi; ++s) {
         const auto* xr = hp + s * 2 * F;
         const auto* gr = gp + s * F;
         auto* o = op + s * 2 * F;
-        for (int64_t i = 0; i < F; i += 16) {
-          const __mmask16 m = tail_mask(F - i);
+        for (int64_t i = 0; i < F; i += VL) {
+          const int m = tail(F - i);
           if (s + kRowsAhead < hi) {  // three streams: the hardware prefetchers alone fall behind
             _mm_prefetch((const char*)(xr + kRowsAhead * 2 * F + i), _MM_HINT_T0);
             _mm_prefetch((const char*)(xr + kRowsAhead * 2 * F + F + i), _MM_HINT_T0);
             _mm_prefetch((const char*)(gr + kRowsAhead * F + i), _MM_HINT_T0);
           }
-          const __m512 x = load16m(xr + i, m), u = load16m(xr + F + i, m), gv = load16m(gr + i, m);
-          const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-          const __m512 dsilu = _mm512_mul_ps(sig, _mm512_fmadd_ps(x, _mm512_sub_ps(one, sig), one));
-          store16(o + i, _mm512_mul_ps(_mm512_mul_ps(gv, u), dsilu), m);
-          store16(o + F + i, _mm512_mul_ps(gv, _mm512_mul_ps(x, sig)), m);
+          const vf x = vloadn(xr + i, m), u = vloadn(xr + F + i, m), gv = vloadn(gr + i, m);
+          const vf sig = vdiv(one, vadd(one, vexp(vsub(vzero(), x))));
+          const vf dsilu = vmul(sig, vfma(x, vsub(one, sig), one));
+          vstoren(o + i, vmul(vmul(gv, u), dsilu), m);
+          vstoren(o + F + i, vmul(gv, vmul(x, sig)), m);
         }
       }
     });
@@ -429,17 +423,17 @@ std::vector<torch::Tensor> rms_norm_fwd(torch::Tensor x, torch::Tensor w, double
     for (int64_t r = lo; r < hi; ++r) {
       const float* xr = xp + r * D;
       if (r + kRowsAhead < hi) prefetch_bytes(xr + kRowsAhead * D, D * 4);
-      __m512 ss = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) {
-        const __m512 v = load16m(xr + d, tail_mask(D - d));
-        ss = _mm512_fmadd_ps(v, v, ss);
+      vf ss = vzero();
+      for (int64_t d = 0; d < D; d += VL) {
+        const vf v = vloadn(xr + d, tail(D - d));
+        ss = vfma(v, v, ss);
       }
-      const float rs = 1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / (float)D + (float)eps);
+      const float rs = 1.0f / std::sqrt(vhsum(ss) / (float)D + (float)eps);
       rp[r] = rs;
-      const __m512 vr = _mm512_set1_ps(rs);
-      for (int64_t d = 0; d < D; d += 16) {
-        const __mmask16 m = tail_mask(D - d);
-        store16(yp + r * D + d, _mm512_mul_ps(load16m(wp + d, m), _mm512_mul_ps(load16m(xr + d, m), vr)), m);
+      const vf vr = vset1(rs);
+      for (int64_t d = 0; d < D; d += VL) {
+        const int m = tail(D - d);
+        vstoren(yp + r * D + d, vmul(vloadn(wp + d, m), vmul(vloadn(xr + d, m), vr)), m);
       }
     }
   });
@@ -467,17 +461,17 @@ std::vector<torch::Tensor> rms_norm_bwd(torch::Tensor g, torch::Tensor x, torch:
         prefetch_bytes(xr + kRowsAhead * D, D * 4);
       }
       const float rs = rp[r];
-      __m512 dot = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) {
-        const __mmask16 m = tail_mask(D - d);
-        dot = _mm512_fmadd_ps(_mm512_mul_ps(load16m(wp + d, m), load16m(gr + d, m)), load16m(xr + d, m), dot);
+      vf dot = vzero();
+      for (int64_t d = 0; d < D; d += VL) {
+        const int m = tail(D - d);
+        dot = vfma(vmul(vloadn(wp + d, m), vloadn(gr + d, m)), vloadn(xr + d, m), dot);
       }
-      const __m512 c = _mm512_set1_ps(_mm512_reduce_add_ps(dot) / (float)D * rs * rs), vr = _mm512_set1_ps(rs);
-      for (int64_t d = 0; d < D; d += 16) {
-        const __mmask16 m = tail_mask(D - d);
-        const __m512 gv = load16m(gr + d, m), xv = load16m(xr + d, m);
-        store16(dxp + r * D + d, _mm512_mul_ps(vr, _mm512_fnmadd_ps(xv, c, _mm512_mul_ps(load16m(wp + d, m), gv))), m);
-        store16(dw + d, _mm512_fmadd_ps(_mm512_mul_ps(gv, xv), vr, load16m(dw + d, m)), m);
+      const vf c = vset1(vhsum(dot) / (float)D * rs * rs), vr = vset1(rs);
+      for (int64_t d = 0; d < D; d += VL) {
+        const int m = tail(D - d);
+        const vf gv = vloadn(gr + d, m), xv = vloadn(xr + d, m);
+        vstoren(dxp + r * D + d, vmul(vr, vfnma(xv, c, vmul(vloadn(wp + d, m), gv))), m);
+        vstoren(dw + d, vfma(vmul(gv, xv), vr, vloadn(dw + d, m)), m);
       }
     }
   });

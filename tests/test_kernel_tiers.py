@@ -1,0 +1,128 @@
+"""The per-tier builds of the compiled CPU kernels: module per tier, MOEKIT_CPU_ISA switching in
+one process, build errors kept and failing (never skipping) the kernel tests, the mixed-dtype rule
+and the per-tier row thresholds.
+
+Shape legend: M rows of a small linear, N its outputs, K reduction length.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from kernel_tiers import require_kernels
+from moekit import kernels
+from moekit.kernels import isa
+
+
+def test_each_tier_loads_its_own_module(kernel_tier):
+    """The module in use carries the tier in its name and was built with explicit flags."""
+    mod = kernels.load()
+    assert kernels.tier() == kernel_tier and kernels.build_error() is None
+    assert mod.__name__ == kernels.module_name(kernel_tier)
+    assert "-march=native" not in " ".join(kernels.TIER_FLAGS[kernels.BUILD_TIER[kernel_tier]])
+    x, w = torch.randn(3, 40), torch.randn(5, 40)
+    torch.testing.assert_close(kernels.linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_switching_tiers_in_one_process(monkeypatch):
+    """load() follows MOEKIT_CPU_ISA call by call; MOEKIT_KERNELS=0 and MOEKIT_CPU_ISA=off switch off."""
+    have = isa.supported_tiers()
+    if not have:
+        pytest.skip("not an x86 CPU with AVX2: no kernel tier")
+    mods = {}
+    for t in have:
+        monkeypatch.setenv(isa.ENV, t)
+        mods[t] = require_kernels(t)
+        assert kernels.load() is mods[t] and kernels.tier() == t
+    assert len({id(kernels.load()) for _ in range(2)}) == 1
+    monkeypatch.setenv(isa.ENV, "off")
+    assert kernels.load() is None and kernels.tier() == "off" and not kernels.available()
+    monkeypatch.setenv(isa.ENV, have[0])
+    monkeypatch.setenv("MOEKIT_KERNELS", "0")
+    assert kernels.load() is None and kernels.tier() == "off"
+
+
+def test_missing_tier_is_skipped_naming_the_flags(monkeypatch):
+    """On a CPU without a tier's instructions the gate skips, and says which flags are missing."""
+    monkeypatch.setattr(isa, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+    monkeypatch.setattr(isa, "is_x86", lambda: True)
+    with pytest.raises(pytest.skip.Exception, match="avx512bf16: missing .*avx512_bf16"):
+        require_kernels("avx512bf16")
+
+
+def test_build_error_is_kept_and_fails_the_gate(monkeypatch):
+    """A failed build: load() gives None, build_error() keeps the message, the gate fails."""
+    if not isa.supported_tiers():
+        pytest.skip("not an x86 CPU with AVX2: no kernel tier")
+    tier = isa.supported_tiers()[0]
+    monkeypatch.setenv(isa.ENV, tier)
+    monkeypatch.setattr(kernels, "_modules", {})
+    monkeypatch.setattr(kernels, "_errors", {})
+
+    def broken(t):
+        raise RuntimeError("Error building extension: main.cpp:1:1: error: expected unqualified-id")
+
+    monkeypatch.setattr(kernels, "build", broken)
+    assert kernels.load() is None and not kernels.available() and kernels.tier() == "off"
+    assert "expected unqualified-id" in kernels.build_error()
+    with pytest.raises(pytest.fail.Exception, match="failed to build on a CPU that has it"):
+        require_kernels(tier)
+
+
+def test_broken_kernel_source_fails_not_skips(tmp_path):
+    """A real compile of a deliberately broken copy of the sources (a syntax error in
+    moe_cpu.cpp), under a throwaway module name and build dir: the build raises with the
+    compiler's message and the gate used by every kernel test fails on it. The real tree builds."""
+    if not isa.supported_tiers():
+        pytest.skip("not an x86 CPU with AVX2: no kernel tier")
+    tier = isa.supported_tiers()[0]
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in kernels.SOURCES:
+        shutil.copy(os.path.join(os.path.dirname(kernels.__file__), f), src / f)
+    text = (src / "moe_cpu.cpp").read_text()
+    (src / "moe_cpu.cpp").write_text(text.replace("namespace {", "namespace { int broken_on_purpose = ;", 1))
+    with pytest.raises(Exception) as info:
+        kernels.build(tier, name=f"moekit_broken_{os.getpid()}", src_dir=src, build_dir=tmp_path / "build")
+    message = f"{type(info.value).__name__}: {info.value}"
+    assert "broken_on_purpose" in message or "expected primary-expression" in message
+    with pytest.raises(pytest.fail.Exception, match="broken_on_purpose|expected primary-expression"):
+        require_kernels(tier, load=lambda: None, error=lambda: message)
+    assert require_kernels(tier) is not None  # the untouched tree still builds and loads
+
+
+def test_usable_mixed_dtype_rule(kernel_tier):
+    """Weights may be bf16 under fp32 activations; everything else one dtype (bf16 or fp32)."""
+    f32, b16 = torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.bfloat16)
+    w32, w16 = torch.zeros(4, 4), torch.zeros(4, 4, dtype=torch.bfloat16)
+    assert kernels.usable(f32, w16, w16) and kernels.usable(f32, w32) and kernels.usable(b16, w16)
+    assert not kernels.usable(b16, w32)  # bf16 activations with fp32 weights: no kernel
+    assert not kernels.usable(f32.half(), w16)
+    with pytest.raises(RuntimeError, match="float32 with bfloat16 weights"):
+        kernels.linear(b16, w32)
+
+
+def test_row_thresholds_per_tier(monkeypatch):
+    """amx keeps only the GEMV rows in bf16; avx512bf16 the measured 64 / 16; avx2 and avx512
+    their own; MOEKIT_KERNEL_MAX_ROWS overrides every tier."""
+    monkeypatch.delenv("MOEKIT_KERNEL_MAX_ROWS", raising=False)
+    monkeypatch.delenv(isa.ENV, raising=False)
+    monkeypatch.setattr(isa, "is_x86", lambda: True)
+    flags = {t: frozenset(isa._NEEDS[t]) for t in isa.TIERS}
+    monkeypatch.setattr(isa, "cpu_flags", lambda: flags["amx"])
+    assert kernels.has_amx() and isa.tier() == "amx"
+    assert kernels.max_rows(torch.bfloat16) == kernels.max_linear_rows(torch.bfloat16) == kernels.GEMV_ROWS
+    assert kernels.max_rows(torch.float32) == 512
+    monkeypatch.setattr(isa, "cpu_flags", lambda: flags["avx512bf16"])
+    assert not kernels.has_amx()
+    assert kernels.max_rows(torch.bfloat16) == 64 and kernels.max_linear_rows(torch.bfloat16) == 16
+    for t in ("avx2", "avx512"):
+        monkeypatch.setattr(isa, "cpu_flags", lambda t=t: flags[t])
+        assert kernels.max_rows(torch.float32) == kernels._ROWS[t][torch.float32]
+        assert kernels.max_linear_rows(torch.float32) == kernels._LINEAR_ROWS[t][torch.float32]
+    monkeypatch.setenv("MOEKIT_KERNEL_MAX_ROWS", "3")
+    assert kernels.max_rows(torch.bfloat16) == 3 == kernels.max_linear_rows(torch.float32)
