@@ -286,15 +286,27 @@ def test_build_plan_json_roundtrips_and_is_consistent():
 
 
 # ----------------------------------------------------------------------------- hardware / CLI
-def test_this_cpu_measures_once_and_caches(tmp_path, monkeypatch):
+@pytest.mark.parametrize("isa", ["auto", "avx2"])
+def test_this_cpu_measures_once_and_caches(tmp_path, monkeypatch, isa):
+    """Also where bf16 is not native (MOEKIT_CPU_ISA=avx2 simulates an AVX2-only CPU): the bf16 peak is
+    then the fp32 one (what bf16 weights are computed in), measured in seconds, not a scalar bf16 GEMM."""
+    import time
+
+    from moekit.kernels import isa as isa_mod
+
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("MOEKIT_CPU_ISA", isa)
     import moekit.plan.hardware as hwmod
 
     real = hwmod.measure_this_cpu
     # Smaller probes keep the test fast; 256 MiB is still far beyond any cache.
-    monkeypatch.setattr(hwmod, "measure_this_cpu", lambda: real(read_gib=0.25, gemm_n=1024))
+    monkeypatch.setattr(hwmod, "measure_this_cpu", lambda: real(read_gib=0.25, gemm_n=1024, budget_s=2.0))
+    t0 = time.perf_counter()
     hw = hwmod.get_hardware("this-cpu")
+    assert time.perf_counter() - t0 < 60
     assert hw.bandwidth_gbs > 0.5 and hw.bf16_tflops > 0.001 and hw.mem_gib > 1 and hw.gemv_bandwidth_gbs > 0.1
+    if not isa_mod.bf16_native_cpu():
+        assert hw.bf16_tflops == hw.fp32_tflops and "computed in fp32" in hw.source
     monkeypatch.setattr(hwmod, "measure_this_cpu", lambda *a, **k: pytest.fail("should use the cache"))
     assert hwmod.get_hardware("this-cpu") == hw
     assert (tmp_path / "this-cpu.json").is_file()

@@ -45,7 +45,7 @@ class Verdict:
     """The target ratio."""
     kind: str
     side: str | None = None
-    """"above"/"below" the target for an indicative or within-spread result (median vs target)."""
+    """"meets target"/"misses target" (the median's side) for an indicative or within-spread result."""
 
     @property
     def met(self) -> bool | None:
@@ -57,7 +57,7 @@ class Verdict:
         if self.status == "no":
             return "**no**"
         if self.status in ("indicative", "within spread") and self.side:
-            return f"{self.status} ({self.side} target)"
+            return f"{self.status} ({self.side})"
         return self.status
 
     def to_dict(self) -> dict:
@@ -83,7 +83,7 @@ def judge(samples: list[float | None], target: float, kind: Kind = "ratio") -> V
         return Verdict("bound invalid", med, spread, n, target, kind)
     higher_better = kind != "over_bound"
     good = med - target if higher_better else target - med  # > 0: on the right side of the target
-    side = ("above" if med > target else "below") if med != target else "at"
+    side = "meets target" if good > 0 else "misses target"
     if n < 2:
         return Verdict("indicative", med, spread, n, target, kind, side)
     if good > spread:
