@@ -449,7 +449,7 @@ def write_markdown(res: dict, path: Path) -> None:
         + (f"; **disagree** at: {_fmt(disagree)}" if disagree else "") + ". With transformers' router in the model "
         "dtype (as shipped), bf16 logits flip near-tied experts for some tokens: max rel diff up to "
         f"{max((p.get('max_rel_diff_vs_hf_native_router', float('nan')) for p in pts), default=float('nan')):.2f}"
-        + (f", up to {100 * max(p['tokens_routed_differently_native'] for p in checked):.1f}% of tokens routed "
+        + (f", up to {100 * max(p.get('tokens_routed_differently_native', 0.0) for p in checked):.1f}% of tokens routed "
            "differently" if checked else "") + " (column `HF-native diff`).",
     ]
     if invalid:
