@@ -365,3 +365,37 @@ def test_moe_layer_benchmark_verdicts(tmp_path, bw_gbps, ms_rounds, bound_status
     assert bound_status in target_line
     if bound_status == "bound invalid":
         assert "**Bound invalid at 1 point(s)**" in text and "yes" not in target_line
+
+
+def test_rejudge_an_earlier_run(tmp_path):
+    """`moekit bench --rejudge results.json`: an earlier run judged by the current rules, nothing re-run;
+    a legacy 'p99' of 31 steps becomes the maximum it was."""
+    from pathlib import Path
+
+    from moekit.bench.verdict import STATUSES
+    from moekit.cli import main
+
+    m = roofline.Machine(32.0, 2300.0, "bfloat16", 2, "cpu")
+    a, b = _result("moekit", 1, 128, 100, 0), _result("transformers", 1, 128, 50, 0)
+    for r, dec in ((a, [50, 52, 51]), (b, [20, 20, 20])):
+        r.update(new_tokens=32, decode_tok_s=sorted(dec)[1], p99_ms=9.0)
+        del r["max_ms"]
+        r["samples"] = {"decode_tok_s": dec, "prefill_tok_s": [r["prefill_tok_s"]] * 3, "p99_ms": [9.0] * 3}
+    legacy = {"model": "tiny-mixtral", "command": "c", "machine_desc": "d", "machine": m.to_dict(),
+              "machine_rounds": [m.to_dict()] * 3, "engines": [], "results": [a, b],
+              "ratios": [{"target": "decode b1 vs transformers", "met": True}], "crossover": []}
+    src = tmp_path / "old.json"
+    src.write_text(json.dumps(legacy))
+    assert main(["bench", "tiny-mixtral", "--rejudge", str(src), "--out", str(tmp_path / "o")]) == 0
+    data = json.loads((tmp_path / "o" / "results.json").read_text())
+    t = {r["target"]: r for r in data["ratios"]}
+    assert t["decode b1 vs transformers"]["status"] == "yes" and t["decode b1 vs transformers"]["rounds"] == 3
+    assert all(r["status"] in STATUSES for r in data["ratios"])
+    assert all(r["p99_ms"] is None and r["max_ms"] == 9.0 for r in data["results"])
+    md = (tmp_path / "o" / "results.md").read_text()
+    assert "re-judged" in md and "max 9.0" in md
+    with pytest.raises(MoekitError, match="not a file"):
+        from moekit.bench.cli import bench_cli
+
+        bench_cli("tiny-mixtral", rejudge=Path(tmp_path / "missing.json"), out=tmp_path / "o2")
+    assert json.loads(src.read_text())["results"][0]["p99_ms"] == 9.0  # the input file is left as it was

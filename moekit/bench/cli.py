@@ -132,11 +132,30 @@ def _median_over_rounds(results: list[dict]) -> list[dict]:
     return out
 
 
+def _rejudge(model: str, path: Path, out: Path) -> int:
+    from moekit import resolve_config
+    from moekit.bench import report
+    from moekit.checkpoint.native import atomic_write_text
+
+    if not path.is_file():
+        raise MoekitError(f"--rejudge: {path} is not a file; give an earlier run's results.json")
+    data = json.loads(path.read_text())
+    cfg = resolve_config(model)
+    data = report.rejudge(data, cfg)
+    data["rejudged"] = f"verdicts re-judged from {path} by `moekit bench {model} --rejudge {path}`"
+    out.mkdir(parents=True, exist_ok=True)
+    md = report.markdown(data)
+    atomic_write_text(out / "results.json", json.dumps(data, indent=2))
+    atomic_write_text(out / "results.md", md)
+    print(md)
+    return 0
+
+
 def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: list[int] | None = None,
               new_tokens: int = 32, engines: list[str] | None = None,
               dtype: Literal["bfloat16", "float32"] = "bfloat16", threads: int = 2, out: Path = Path("bench_results"),
               quick: bool = False, seed: int = 0, timeout: int = 900, max_prefill_tokens: int = 0,
-              rounds: int = 1) -> int:
+              rounds: int = 1, rejudge: Path | None = None) -> int:
     """Benchmark generation speed against the dense equivalent, transformers and llama.cpp.
 
     Prefill tokens/s, time to first token, decode tokens/s, per-token latency p50/p99 (the maximum
@@ -164,12 +183,16 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
         rounds: repeat the interleaved sweep (and the roofline measurement) this many times; each
             figure is the median over rounds, with every sample kept in results.json. Target verdicts
             need 2 or more (yes/no only outside the spread over rounds); 1 round is indicative.
+        rejudge: an earlier run's results.json: judge it again with the current rules (roofline
+            fractions per round, verdicts, labels) and write results.md to --out; runs nothing.
     """
     from moekit.bench import report
     from moekit.bench.roofline import Machine, measure_machine
     from moekit.checkpoint.native import atomic_write_text
     from moekit.model.params import dense_equivalent
 
+    if rejudge is not None:
+        return _rejudge(model, Path(rejudge), Path(out))
     batch_sizes = batch_sizes or ([1, 4] if quick else [1, 8, 32])
     prompt_lens = prompt_lens or ([16] if quick else [128, 512])
     if quick:

@@ -70,6 +70,28 @@ def ratios(results: list[dict]) -> list[dict]:
     return out
 
 
+def rejudge(data: dict, cfg: ModelConfig) -> dict:
+    """An earlier run's results.json judged again by the current rules (bounds per round, verdicts,
+    the p99/max label), from its stored per-round samples; nothing is re-measured."""
+    from moekit.model.params import dense_equivalent
+
+    for r in data["results"]:
+        if "max_ms" not in r and r["new_tokens"] - 1 < 100:
+            # Fewer than 100 timed steps: what was stored as p99 was the maximum.
+            r["max_ms"], r["p99_ms"] = r["p99_ms"], None
+            if "p99_ms" in r.get("samples", {}):
+                r["samples"]["max_ms"] = r["samples"].pop("p99_ms")
+    fields = set(Machine.__dataclass_fields__)
+    rounds = [Machine(**{k: v for k, v in m.items() if k in fields}) for m in data.get("machine_rounds", [])]
+    machine = Machine(**{k: v for k, v in data["machine"].items() if k in fields})
+    data["rounds"] = len(rounds) or 1
+    add_bounds(data["results"], {"moe": cfg, "dense": dense_equivalent(cfg)}, machine, rounds or None)
+    data["ratios"] = ratios(data["results"])
+    data["crossover"] = crossover(data["results"])
+    data["machine"] = machine.to_dict()
+    return data
+
+
 def crossover(results: list[dict]) -> list[dict]:
     """MoE vs its dense equivalent (same active parameters) per batch size, decode and prefill."""
     rows = []
@@ -109,7 +131,7 @@ def markdown(data: dict) -> str:
              f"Machine: {data['machine_desc']}; {m['threads']} threads; weights {m['dtype']}, compute {compute}. "
              f"Measured in this run: read bandwidth {m['read_gbs']:.1f} GB/s, matmul peak "
              f"{_gflops(m['matmul_gflops'])} ({compute}{', ' + m['peak_note'] if m.get('peak_note') else ''}).",
-             f"Command: `{data['command']}`", "",
+             f"Command: `{data['command']}`", *([data["rejudged"] + "."] if data.get("rejudged") else []), "",
              f"Rounds: {rounds}. Each figure is the median over rounds; the tail column is p99 of the timed decode "
              "steps where there are at least 100 of them, else their maximum.", "",
              "| engine | batch | prompt | prefill tok/s | TTFT ms | decode tok/s | p50 ms | p99 / max ms "
