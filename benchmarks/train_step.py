@@ -151,8 +151,8 @@ def main() -> int:
         theirs = max((r for r in runners if r.name.startswith(f"transformers Mixtral {tag}")),
                      key=lambda r: B * S / statistics.median(r.times))
         same[tag] = (B * S / statistics.median(ours.times)) / (B * S / statistics.median(theirs.times))
-        verdicts[tag] = {"baseline": theirs.name, **judge([x / y for x, y in zip(round_tok_s(ours), round_tok_s(theirs))],
-                                                           2.0, "ratio").to_dict()}
+        per_round = [x / y for x, y in zip(round_tok_s(ours), round_tok_s(theirs))]
+        verdicts[tag] = {"baseline": theirs.name, **judge(per_round, 2.0, "ratio").to_dict()}
     # The headline: the precision in which moekit trains fastest, against transformers in that precision.
     head = max(same, key=lambda tag: next(x["tokens_per_s"] for x in rows if x["impl"] == f"moekit {tag}"))
     ratio_best = same[head]
@@ -189,7 +189,8 @@ def main() -> int:
            "rotary, RMSNorm, MoE gather/combine/SwiGLU backward) are on, as in `moekit train`.",
            "", f"moekit in its fastest precision ({head}) / transformers in the same precision: **{ratio_best:.2f}x** "
            f"(target >= 2x: {_label(verdicts[head])}). Same precision, median over rounds (spread) and verdict: "
-           + "; ".join(f"{tag} {same[tag]:.2f}x ({verdicts[tag]['spread']:.2f}) {_label(verdicts[tag])}" for tag in same)
+           + "; ".join(f"{tag} {same[tag]:.2f}x ({verdicts[tag]['spread']:.2f}) {_label(verdicts[tag])}"
+                       for tag in same)
            + ". Ratios never pair different precisions. Verdicts (`moekit/bench/verdict.py`): yes/no only with 2+ "
            "rounds and the median ratio clearing 2x by more than the spread over rounds; 1 round is indicative.", "",
            "Rerun: `python benchmarks/train_step.py` (`--quick` for a short run)."]

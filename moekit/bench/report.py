@@ -150,7 +150,8 @@ def markdown(data: dict) -> str:
               "Verdicts (`moekit/bench/verdict.py`): yes/no only with 2+ rounds and the median clearing the target by "
               "more than the spread over rounds; one round is indicative; a result above 100% of its roofline means "
               "the bound was wrong for that run (bound invalid); an unmeasurable bound is unknown.", "",
-              "| target | prompt | ratio (median) | spread over rounds | needed | verdict |", "|---|---|---|---|---|---|"]
+              "| target | prompt | ratio (median) | spread over rounds | needed | verdict |",
+              "|---|---|---|---|---|---|"]
     for t in data["ratios"]:
         ratio = "not measured" if t["ratio"] is None else f"{t['ratio']:.3g}x"
         spread = "-" if t.get("spread") is None or t["rounds"] < 2 else f"{t['spread']:.3g}"
