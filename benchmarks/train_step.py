@@ -62,6 +62,8 @@ def batches(n: int, B: int, S: int, vocab: int) -> tuple[list[tuple[torch.Tensor
         from moekit.data import load_prepared
 
         data = load_prepared(ROOT / "data")
+        if data.vocab_size > vocab:  # a preset with a smaller vocabulary (tiny-moe): its ids would not fit
+            raise ValueError("vocabulary mismatch")
         s = data.dataset("train").sampler(B, S, seed=0)
         return [next(s) for _ in range(n)], f"en-prose train batches ({data.root.name})"
     except Exception:  # no prepared data: random ids time the same
