@@ -78,6 +78,8 @@ def test_bench_cli_quick_writes_json_markdown_png(tmp_path):
         assert r["p99_ms"] is None
         assert 0 < r["decode_frac"] and r["decode_bound_tok_s"] > 0
     assert data["machine"]["read_gbs"] > 0 and data["engines"][0]["peak_rss_bytes"] > 0
+    # Every engine's worker ran under the same allocator setting (moekit.utils.retain_freed_memory).
+    assert len({e["retained_memory"] for e in data["engines"]}) == 1
     assert (out / "results.md").read_text().startswith("# moekit bench")
     assert (out / "throughput.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -107,6 +109,19 @@ def test_transformers_runner_generates_the_same_tokens(tmp_path):
     assert [g.tokens for g in ours] == theirs.tolist()
     r = runners.run_transformers(hf, 2, 6, 3, 0)
     assert r["batch"] == 2 and r["decode_tok_s"] > 0
+    # The transformers worker runs under the same allocator setting as moekit's engine sets for itself.
+    import subprocess
+    import sys
+
+    spec = {"engine": "transformers", "path": str(tmp_path / "hf"), "dtype": "float32", "threads": 1, "seed": 0,
+            "batch_sizes": [1], "prompt_lens": [4], "new_tokens": 2, "max_prefill_tokens": 0}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    subprocess.run([sys.executable, "-m", "moekit.bench.runners", str(tmp_path / "spec.json"),
+                    str(tmp_path / "out.json")], check=True, capture_output=True, timeout=300)
+    out = json.loads((tmp_path / "out.json").read_text())
+    from moekit.utils import retain_freed_memory
+
+    assert out["retained_memory"] == retain_freed_memory() and out["results"][0]["decode_tok_s"] > 0
 
 
 @pytest.mark.parametrize("name", ["tiny-moe", "tiny-dense"])

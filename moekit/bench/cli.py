@@ -270,6 +270,7 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
                 data["results"].extend(r["results"])
                 st["peak_rss_bytes"] = max(st["peak_rss_bytes"], r["peak_rss_bytes"])
                 st["load_s"] = max(st["load_s"], r["load_s"])
+                st["retained_memory"] = r.get("retained_memory")  # the same allocator setting for every engine
         data["engines"].extend(stats[e] for e in live)
         data["results"] = _median_over_rounds(data["results"])
         data["results"].sort(key=lambda r: (engines.index(r["engine"]), r["prompt"], r["batch"]))
