@@ -108,7 +108,9 @@ def gemv_bandwidth_gbs(mib: int = 1024, reps: int = 3, k: int = 4096, budget_s: 
     from moekit import kernels
 
     n_rows = 64 * 2**20 // (2 * k)
-    pieces = [torch.randn(n_rows, k).to(torch.bfloat16) for _ in range(max(1, mib // 64))]
+    # Constant weights: the timing does not depend on the values, and generating 1 GiB of random
+    # numbers took longer than the measurement itself on a loaded machine.
+    pieces = [torch.full((n_rows, k), 0.01, dtype=torch.bfloat16) for _ in range(max(1, mib // 64))]
     x = torch.randn(1, k).to(torch.bfloat16)
     if kernels.usable(x, pieces[0]):
         fn, path = (lambda: [kernels.linear(x, w) for w in pieces]), "moekit kernel"
