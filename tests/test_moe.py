@@ -247,5 +247,17 @@ def test_bf16_layer_close_to_fp32():
     # Routing runs in fp32 on bf16-rounded inputs, so nearly all decisions agree; a token whose
     # choice flips legitimately differs, so compare the tokens routed the same way.
     same = (r32.expert_ids.sort(-1).values == r16.expert_ids.sort(-1).values).all(-1)
-    assert same.float().mean() > 0.8
-    assert_close(y16[0, same].float(), y32[0, same], atol=0.1, rtol=0.05)
+    assert same.float().mean() >= 0.9
+    # bf16 rounding of weights and activations: ~1% of the output's scale (measured max 0.056 on an
+    # output of std 1.7, max 8.6). Scaled to the output, so the check means the same at any init.
+    tol = dict(atol=0.01 * float(y32.abs().max()), rtol=0.02)
+    assert_close(y16[0, same].float(), y32[0, same], **tol)
+    # That tolerance catches a routing bug: the same bf16 layer sending expert 0's tokens to expert 1
+    # (router rows swapped) must fail the comparison on the tokens it touches.
+    with torch.no_grad():
+        lb.router.weight[[0, 1]] = lb.router.weight[[1, 0]].clone()
+        y_bug, r_bug = lb(x.bfloat16(), return_ids=True)
+    moved = same & (r32.expert_ids == 0).any(-1) & ~(r32.expert_ids == 1).any(-1)
+    assert moved.any()
+    with pytest.raises(AssertionError):
+        assert_close(y_bug[0, moved].float(), y32[0, moved], **tol)

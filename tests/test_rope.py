@@ -38,3 +38,32 @@ def test_rope_init_matches_transformers(scaling):
     theirs, their_scale = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](cfg, "cpu")
     assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-9)
     assert our_scale == pytest.approx(their_scale, rel=1e-6)
+
+
+def test_dynamic_rope_matches_transformers_as_the_sequence_grows():
+    """Dynamic NTK scaling: the cos/sin tables equal transformers' for sequences below, at and past the
+    trained length, growing as in generation (the base grows with the longest position seen), then a
+    single decode position far out, then a short sequence again (back to the unscaled frequencies)."""
+    tr = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from moekit.model.rope import RotaryEmbedding
+
+    theta, head_dim, trained = 10000.0, 64, 256
+    cfg = tr.LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=trained,
+                         rope_parameters={"rope_type": "dynamic", "rope_theta": theta, "factor": 2.0})
+    theirs = LlamaRotaryEmbedding(cfg)
+    ours = RotaryEmbedding(head_dim, theta, {"rope_type": "dynamic", "factor": 2.0,
+                                             "original_max_position_embeddings": trained}, 4 * trained)
+    x = torch.zeros(1, 1, head_dim)
+    cases = [torch.arange(n)[None] for n in (100, 256, 300, 700)] + [torch.tensor([[699]]), torch.tensor([[700]]),
+                                                                     torch.arange(50)[None]]
+    for pos in cases:
+        cos, sin = ours(pos, torch.float32)
+        ref_cos, ref_sin = theirs(x, pos)
+        assert_close(cos, ref_cos, rtol=1e-5, atol=2e-5, msg=lambda m: f"positions up to {int(pos.max())}: {m}")
+        assert_close(sin, ref_sin, rtol=1e-5, atol=2e-5)
+    # Past the trained length the tables really differ from plain RoPE (the test would catch a no-op).
+    plain = RotaryEmbedding(head_dim, theta, None, 4 * trained)
+    pos = torch.arange(700)[None]
+    assert (ours(pos, torch.float32)[0] - plain(pos, torch.float32)[0]).abs().max() > 0.1

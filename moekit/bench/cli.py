@@ -112,7 +112,7 @@ def _run_worker(con, eng: str, spec: Path, res: Path, timeout: int):
     return None if timed_out and proc.returncode != 0 else proc
 
 
-_METRICS = ("prefill_tok_s", "ttft_ms", "decode_tok_s", "p50_ms", "p99_ms")
+_METRICS = ("prefill_tok_s", "ttft_ms", "decode_tok_s", "p50_ms", "p99_ms", "max_ms")
 
 
 def _median_over_rounds(results: list[dict]) -> list[dict]:
@@ -125,20 +125,41 @@ def _median_over_rounds(results: list[dict]) -> list[dict]:
     for rs in groups.values():
         m = dict(rs[0])
         for k in _METRICS:
-            m[k] = statistics.median(r[k] for r in rs)
-        m["samples"] = {k: [r[k] for r in rs] for k in _METRICS}
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            m[k] = statistics.median(vals) if len(vals) == len(rs) else None  # p99 needs 100+ steps each round
+        m["samples"] = {k: [r[k] for r in rs] for k in _METRICS if m[k] is not None}
         out.append(m)
     return out
+
+
+def _rejudge(model: str, path: Path, out: Path) -> int:
+    from moekit import resolve_config
+    from moekit.bench import report
+    from moekit.checkpoint.native import atomic_write_text
+
+    if not path.is_file():
+        raise MoekitError(f"--rejudge: {path} is not a file; give an earlier run's results.json")
+    data = json.loads(path.read_text())
+    cfg = resolve_config(model)
+    data = report.rejudge(data, cfg)
+    data["rejudged"] = f"verdicts re-judged from {path} by `moekit bench {model} --rejudge {path}`"
+    out.mkdir(parents=True, exist_ok=True)
+    md = report.markdown(data)
+    atomic_write_text(out / "results.json", json.dumps(data, indent=2))
+    atomic_write_text(out / "results.md", md)
+    print(md)
+    return 0
 
 
 def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: list[int] | None = None,
               new_tokens: int = 32, engines: list[str] | None = None,
               dtype: Literal["bfloat16", "float32"] = "bfloat16", threads: int = 2, out: Path = Path("bench_results"),
               quick: bool = False, seed: int = 0, timeout: int = 900, max_prefill_tokens: int = 0,
-              rounds: int = 1) -> int:
+              rounds: int = 1, rejudge: Path | None = None) -> int:
     """Benchmark generation speed against the dense equivalent, transformers and llama.cpp.
 
-    Prefill tokens/s, time to first token, decode tokens/s, per-token latency p50/p99 and peak RSS
+    Prefill tokens/s, time to first token, decode tokens/s, per-token latency p50/p99 (the maximum
+    when fewer than 100 steps are timed) and peak RSS
     at each batch size and prompt length, each as a fraction of this machine's roofline (read
     bandwidth and matmul peak are measured in the same run). Engines that are not installed or
     cannot take the model are skipped and say why. Engines are interleaved: for each shape, every
@@ -160,13 +181,18 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
         timeout: seconds allowed per engine and shape.
         max_prefill_tokens: skip shapes whose batch x prompt exceeds this (0 = run every shape).
         rounds: repeat the interleaved sweep (and the roofline measurement) this many times; each
-            figure is the median over rounds, with every sample kept in results.json.
+            figure is the median over rounds, with every sample kept in results.json. Target verdicts
+            need 2 or more (yes/no only outside the spread over rounds); 1 round is indicative.
+        rejudge: an earlier run's results.json: judge it again with the current rules (roofline
+            fractions per round, verdicts, labels) and write results.md to --out; runs nothing.
     """
     from moekit.bench import report
     from moekit.bench.roofline import Machine, measure_machine
     from moekit.checkpoint.native import atomic_write_text
     from moekit.model.params import dense_equivalent
 
+    if rejudge is not None:
+        return _rejudge(model, Path(rejudge), Path(out))
     batch_sizes = batch_sizes or ([1, 4] if quick else [1, 8, 32])
     prompt_lens = prompt_lens or ([16] if quick else [128, 512])
     if quick:
@@ -218,8 +244,9 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
             if i == 0:
                 with con.status("measuring read bandwidth and matmul peak"):
                     machines.append(measure_machine(tdtype, quick))
-                con.print(f"round {rnd + 1}/{rounds}: {machines[-1].read_gbs:.1f} GB/s read, "
-                          f"{machines[-1].matmul_gflops:.0f} GFLOP/s {dtype}")
+                mc = machines[-1]
+                peak = "unknown" if mc.matmul_gflops is None else f"{mc.matmul_gflops:.0f}"
+                con.print(f"round {rnd + 1}/{rounds}: {mc.read_gbs:.1f} GB/s read, {peak} GFLOP/s {mc.compute_dtype}")
             k = (i + rnd) % max(1, len(live))
             for eng in live[k:] + live[:k]:
                 st = stats[eng]
@@ -243,16 +270,19 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
                 data["results"].extend(r["results"])
                 st["peak_rss_bytes"] = max(st["peak_rss_bytes"], r["peak_rss_bytes"])
                 st["load_s"] = max(st["load_s"], r["load_s"])
+                st["retained_memory"] = r.get("retained_memory")  # the same allocator setting for every engine
         data["engines"].extend(stats[e] for e in live)
         data["results"] = _median_over_rounds(data["results"])
         data["results"].sort(key=lambda r: (engines.index(r["engine"]), r["prompt"], r["batch"]))
         machine = Machine(**{**machines[0].to_dict(),
                              "read_gbs": statistics.median(m.read_gbs for m in machines),
-                             "matmul_gflops": statistics.median(m.matmul_gflops for m in machines)})
+                             "matmul_gflops": None if any(m.matmul_gflops is None for m in machines)
+                             else statistics.median(m.matmul_gflops for m in machines)})
         data["machine"] = machine.to_dict()
         data["machine_rounds"] = [m.to_dict() for m in machines]
 
-    report.add_bounds(data["results"], {"moe": cfg, "dense": dense_equivalent(cfg)}, machine)
+    data["rounds"] = rounds
+    report.add_bounds(data["results"], {"moe": cfg, "dense": dense_equivalent(cfg)}, machine, machines)
     data["ratios"] = report.ratios(data["results"])
     data["crossover"] = report.crossover(data["results"])
     md = report.markdown(data)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from moekit.bench.roofline import Machine, decode_bound, prefill_bound
+from moekit.bench.verdict import Verdict, bound_ratio, judge
 from moekit.config import ModelConfig
 
 TARGETS = [
@@ -17,39 +19,77 @@ TARGETS = [
 ]
 
 
-def add_bounds(results: list[dict], cfgs: dict[str, ModelConfig], m: Machine) -> None:
-    """Annotate each result with its roofline bounds and the fraction of them it reaches."""
+def _bounds(cfg: ModelConfig, m: Machine, r: dict) -> tuple[dict, dict]:
+    return (prefill_bound(cfg, m, r["batch"], r["prompt"]),
+            decode_bound(cfg, m, r["batch"], r["prompt"] + r["new_tokens"] // 2))
+
+
+def add_bounds(results: list[dict], cfgs: dict[str, ModelConfig], m: Machine,
+               rounds: list[Machine] | None = None) -> None:
+    """Annotate each result with its roofline bounds (from the median machine) and the fraction of
+    them it reaches; with `rounds` (the machine measured in each round), also the per-round
+    fractions, each sample against its own round's bound (what the verdict judges)."""
     for r in results:
         cfg = cfgs["dense"] if r["engine"] == "dense" else cfgs["moe"]
-        pb = prefill_bound(cfg, m, r["batch"], r["prompt"])
-        db = decode_bound(cfg, m, r["batch"], r["prompt"] + r["new_tokens"] // 2)
-        r["prefill_bound_tok_s"], r["prefill_frac"] = pb["tok_s"], r["prefill_tok_s"] / pb["tok_s"]
-        r["decode_bound_tok_s"], r["decode_frac"] = db["tok_s"], r["decode_tok_s"] / db["tok_s"]
+        pb, db = _bounds(cfg, m, r)
+        r["prefill_bound_tok_s"], r["prefill_frac"] = pb["tok_s"], bound_ratio(r["prefill_tok_s"], pb["tok_s"])
+        r["decode_bound_tok_s"], r["decode_frac"] = db["tok_s"], bound_ratio(r["decode_tok_s"], db["tok_s"])
         r["decode_bound_kind"] = db["bound"]
+        samples = r.get("samples", {}).get("decode_tok_s") or [r["decode_tok_s"]]
+        ms = rounds if rounds and len(rounds) >= len(samples) else [m] * len(samples)
+        r["decode_frac_rounds"] = [bound_ratio(s, _bounds(cfg, mi, r)[1]["tok_s"]) for s, mi in zip(samples, ms)]
 
 
 def _find(results, engine, batch, prompt):
     return next((r for r in results if r["engine"] == engine and r["batch"] == batch and r["prompt"] == prompt), None)
 
 
+def _round_ratios(a: dict, b: dict, metric: str) -> list[float]:
+    """Per-round A/B ratios (the rounds are interleaved, so round i of both ran side by side)."""
+    sa = a.get("samples", {}).get(metric) or [a[metric]]
+    sb = b.get("samples", {}).get(metric) or [b[metric]]
+    return [x / y for x, y in zip(sa, sb)]
+
+
 def ratios(results: list[dict]) -> list[dict]:
     """The issue's targets as ratios measured in this run (prefill at the longest prompt, decode
-    at the shortest); missing engines are reported as not measured."""
+    at the shortest), each with its verdict (`moekit.bench.verdict`): yes/no only with two or more
+    rounds and a margin beyond their spread; missing engines are reported as not measured."""
     prompts = sorted({r["prompt"] for r in results})
     out = []
     for label, metric, batch, other, target in TARGETS:
         prompt = prompts[-1] if metric == "prefill_tok_s" else prompts[0]
         a, b = _find(results, "moekit", batch, prompt), _find(results, other, batch, prompt)
-        row = {"target": label, "prompt": prompt, "min_ratio": target, "ratio": None, "met": None}
-        if a and b:
-            row["ratio"] = a[metric] / b[metric]
-            row["met"] = row["ratio"] >= target
-        out.append(row)
+        v = judge(_round_ratios(a, b, metric) if a and b else [], target, "ratio")
+        out.append({"target": label, "prompt": prompt, "min_ratio": target, **v.to_dict()})
     a = _find(results, "moekit", 1, prompts[0])
     if a:
+        v = judge(a.get("decode_frac_rounds") or [a["decode_frac"]], 0.7, "fraction_of_bound")
         out.append({"target": "decode b1 vs bandwidth roofline", "prompt": prompts[0], "min_ratio": 0.7,
-                    "ratio": a["decode_frac"], "met": a["decode_frac"] >= 0.7})
+                    **v.to_dict()})
     return out
+
+
+def rejudge(data: dict, cfg: ModelConfig) -> dict:
+    """An earlier run's results.json judged again by the current rules (bounds per round, verdicts,
+    the p99/max label), from its stored per-round samples; nothing is re-measured."""
+    from moekit.model.params import dense_equivalent
+
+    for r in data["results"]:
+        if "max_ms" not in r and r["new_tokens"] - 1 < 100:
+            # Fewer than 100 timed steps: what was stored as p99 was the maximum.
+            r["max_ms"], r["p99_ms"] = r["p99_ms"], None
+            if "p99_ms" in r.get("samples", {}):
+                r["samples"]["max_ms"] = r["samples"].pop("p99_ms")
+    fields = set(Machine.__dataclass_fields__)
+    rounds = [Machine(**{k: v for k, v in m.items() if k in fields}) for m in data.get("machine_rounds", [])]
+    machine = Machine(**{k: v for k, v in data["machine"].items() if k in fields})
+    data["rounds"] = len(rounds) or 1
+    add_bounds(data["results"], {"moe": cfg, "dense": dense_equivalent(cfg)}, machine, rounds or None)
+    data["ratios"] = ratios(data["results"])
+    data["crossover"] = crossover(data["results"])
+    data["machine"] = machine.to_dict()
+    return data
 
 
 def crossover(results: list[dict]) -> list[dict]:
@@ -67,34 +107,56 @@ def crossover(results: list[dict]) -> list[dict]:
     return rows
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%" if x >= 0.1 else f"{100 * x:.2g}%"
+def _pct(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "unknown"
+    s = f"{100 * x:.0f}%" if x >= 0.1 else f"{100 * x:.2g}%"
+    return s + " (bound invalid)" if x > 1 else s
+
+
+def _gflops(x: float | None) -> str:
+    return "unknown (not measurable)" if x is None or not math.isfinite(x) or x <= 0 else f"{x:.0f} GFLOP/s"
+
+
+def _tail(r: dict) -> str:
+    # p99 needs >= 100 steps; below that the highest latency is the only honest tail statistic.
+    return f"{r['p99_ms']:.1f}" if r.get("p99_ms") is not None else f"max {r['max_ms']:.1f}"
 
 
 def markdown(data: dict) -> str:
     m = data["machine"]
+    rounds = data.get("rounds", 1)
+    compute = m.get("compute_dtype", m["dtype"])
     lines = [f"# moekit bench: {data['model']}", "",
-             f"Machine: {data['machine_desc']}; {m['threads']} threads; {m['dtype']}. Measured in this run: "
-             f"read bandwidth {m['read_gbs']:.1f} GB/s, matmul peak {m['matmul_gflops']:.0f} GFLOP/s.",
-             f"Command: `{data['command']}`", "",
-             "| engine | batch | prompt | prefill tok/s | TTFT ms | decode tok/s | p50 ms | p99 ms "
+             f"Machine: {data['machine_desc']}; {m['threads']} threads; weights {m['dtype']}, compute {compute}. "
+             f"Measured in this run: read bandwidth {m['read_gbs']:.1f} GB/s, matmul peak "
+             f"{_gflops(m['matmul_gflops'])} ({compute}{', ' + m['peak_note'] if m.get('peak_note') else ''}).",
+             f"Command: `{data['command']}`", *([data["rejudged"] + "."] if data.get("rejudged") else []), "",
+             f"Rounds: {rounds}. Each figure is the median over rounds; the tail column is p99 of the timed decode "
+             "steps where there are at least 100 of them, else their maximum.", "",
+             "| engine | batch | prompt | prefill tok/s | TTFT ms | decode tok/s | p50 ms | p99 / max ms "
              "| prefill % roofline | decode % roofline |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["results"]:
         lines.append(f"| {r['engine']} | {r['batch']} | {r['prompt']} | {r['prefill_tok_s']:,.0f} | "
-                     f"{r['ttft_ms']:,.0f} | {r['decode_tok_s']:,.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                     f"{r['ttft_ms']:,.0f} | {r['decode_tok_s']:,.1f} | {r['p50_ms']:.1f} | {_tail(r)} | "
                      f"{_pct(r['prefill_frac'])} | {_pct(r['decode_frac'])} ({r['decode_bound_kind']}) |")
     lines += ["", "| engine | peak RSS | load s | status |", "|---|---|---|---|"]
     for e in data["engines"]:
         rss = f"{e['peak_rss_bytes'] / 2**30:.2f} GiB" if e.get("peak_rss_bytes") else "-"
         load = f"{e['load_s']:.1f}" if e.get("load_s") is not None else "-"
         lines.append(f"| {e['engine']} | {rss} | {load} | {e['status']} |")
-    lines += ["", "## Targets (ratios from this run)", "", "| target | prompt | ratio | needed | met |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## Targets (ratios from this run)", "",
+              "Verdicts (`moekit/bench/verdict.py`): yes/no only with 2+ rounds and the median clearing the target by "
+              "more than the spread over rounds; one round is indicative; a result above 100% of its roofline means "
+              "the bound was wrong for that run (bound invalid); an unmeasurable bound is unknown.", "",
+              "| target | prompt | ratio (median) | spread over rounds | needed | verdict |",
+              "|---|---|---|---|---|---|"]
     for t in data["ratios"]:
         ratio = "not measured" if t["ratio"] is None else f"{t['ratio']:.3g}x"
-        met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
-        lines.append(f"| {t['target']} | {t['prompt']} | {ratio} | {t['min_ratio']}x | {met} |")
+        spread = "-" if t.get("spread") is None or t["rounds"] < 2 else f"{t['spread']:.3g}"
+        v = Verdict(**{k: t[k] for k in ("status", "ratio", "spread", "rounds", "needed", "kind", "side")})
+        lines.append(f"| {t['target']} | {t['prompt']} | {ratio} | {spread} | {t['min_ratio']}x | {v.label()} |")
     if data["crossover"]:
         lines += ["", "## MoE vs dense equivalent (same active parameters)", "",
                   "| batch | prompt | MoE decode tok/s | dense decode tok/s | MoE/dense decode | MoE/dense prefill |",

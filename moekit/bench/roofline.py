@@ -4,13 +4,15 @@ Shape legend: M, N, K matmul dims. B batch, P prompt length, E experts, K_top ex
 
 Read bandwidth is the best of several `sum`s over a buffer far larger than the caches (what a
 decode step does to its weights: stream them once); matmul peak is the best of several large
-GEMMs in the benchmark's dtype (oneDNN/AMX for bf16 on CPUs that have it); both come from
+GEMMs in the dtype the engine computes in (oneDNN/AMX for bf16 on CPUs with native bf16; fp32
+elsewhere, since bf16 weights are computed in fp32 there; time-bounded: seconds); both come from
 `moekit.plan.measure`, shared with the planner. A result's roofline
 bound is the smaller of the compute bound and the bandwidth bound for the bytes it must read.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,21 +28,34 @@ from moekit.plan.spec import kv_bytes_per_token
 class Machine:
     read_gbs: float
     """Sustained DRAM read bandwidth, GB/s (1e9 bytes)."""
-    matmul_gflops: float
-    """Large-GEMM peak in the benchmark dtype, GFLOP/s."""
+    matmul_gflops: float | None
+    """Large-GEMM peak in the compute dtype, GFLOP/s; None (or <= 0) when it could not be measured,
+    which makes every compute bound, and so every roofline, unknown."""
     dtype: str
+    """Weight dtype (bytes per parameter read)."""
     threads: int
     device: str
+    compute_dtype: str = ""
+    """The dtype the matmuls really run in (`moekit.plan.measure.compute_dtype`); the peak's dtype."""
+    peak_note: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def measure_machine(dtype: torch.dtype, quick: bool = False) -> Machine:
+    """Read bandwidth and the matmul peak of the dtype the engine computes `dtype` weights in (fp32
+    for bf16 weights where bf16 is not native), in seconds (time-bounded probes)."""
+    cdt = measure.compute_dtype(dtype)
     bw = measure.read_bandwidth_gbs(256 if quick else 1024, 3 if quick else 5)
-    peak = measure.matmul_peak_gflops(dtype, 1024 if quick else 2048, 3 if quick else 5)
-    return Machine(round(bw, 2), round(peak, 1), str(dtype).removeprefix("torch."), torch.get_num_threads(),
-                   "cpu")
+    peak = measure.matmul_peak_gflops(cdt, 1024 if quick else 2048, 3 if quick else 5, 2.0 if quick else 6.0)
+    note = "" if cdt == dtype else "bf16 is not native on this CPU: bf16 weights are computed in fp32"
+    return Machine(round(bw, 2), round(peak, 1) if peak > 0 else None, str(dtype).removeprefix("torch."),
+                   torch.get_num_threads(), "cpu", str(cdt).removeprefix("torch."), note)
+
+
+def _known(x: float | None) -> bool:
+    return x is not None and math.isfinite(x) and x > 0
 
 
 def expected_experts_touched(num_experts: int, top_k: int, tokens: int) -> float:
@@ -72,8 +87,11 @@ def flops_per_token(cfg: ModelConfig, context: float, with_head: bool = True) ->
 
 
 def decode_bound(cfg: ModelConfig, m: Machine, batch: int, context: int) -> dict:
-    """Roofline tokens/s for one decode step of `batch` rows at `context` tokens."""
+    """Roofline tokens/s for one decode step of `batch` rows at `context` tokens (NaN, bound
+    "unknown", when the bandwidth or the peak could not be measured)."""
     bpp = 4 if m.dtype == "float32" else 2
+    if not (_known(m.read_gbs) and _known(m.matmul_gflops)):
+        return {"tok_s": float("nan"), "bound": "unknown", "bytes": decode_bytes(cfg, batch, context, bpp)}
     t_mem = decode_bytes(cfg, batch, context, bpp) / (m.read_gbs * 1e9)
     t_cmp = batch * flops_per_token(cfg, context) / (m.matmul_gflops * 1e9)
     return {"tok_s": batch / max(t_mem, t_cmp), "bound": "bandwidth" if t_mem >= t_cmp else "compute",
@@ -81,8 +99,11 @@ def decode_bound(cfg: ModelConfig, m: Machine, batch: int, context: int) -> dict
 
 
 def prefill_bound(cfg: ModelConfig, m: Machine, batch: int, prompt: int) -> dict:
-    """Roofline tokens/s for prefilling `batch` prompts of `prompt` tokens (head only at the end)."""
+    """Roofline tokens/s for prefilling `batch` prompts of `prompt` tokens (head only at the end);
+    NaN, bound "unknown", when the bandwidth or the peak could not be measured."""
     bpp = 4 if m.dtype == "float32" else 2
+    if not (_known(m.read_gbs) and _known(m.matmul_gflops)):
+        return {"tok_s": float("nan"), "bound": "unknown"}
     pc = count_params(cfg)
     t_mem = pc.total_params * bpp / (m.read_gbs * 1e9)
     flops = batch * prompt * flops_per_token(cfg, prompt / 2, with_head=False) + batch * 2 * pc.active.get("lm_head", 0)

@@ -27,13 +27,18 @@ def _prompts(vocab: int, batch: int, prompt: int, seed: int) -> torch.Tensor:
         torch.randint(0, vocab, (batch, prompt), generator=g)
 
 
+P99_MIN_STEPS = 100
+"""Fewer timed steps than this and the 99th percentile is just the maximum: report it as max only."""
+
+
 def _result(batch: int, prompt: int, ttft_s: float, steps_s: list[float]) -> dict:
     steps_ms = sorted(s * 1e3 for s in steps_s)
-    p99 = steps_ms[min(len(steps_ms) - 1, round(0.99 * (len(steps_ms) - 1)))]
+    p99 = steps_ms[min(len(steps_ms) - 1, round(0.99 * (len(steps_ms) - 1)))] \
+        if len(steps_ms) >= P99_MIN_STEPS else None
     return {"batch": batch, "prompt": prompt, "new_tokens": len(steps_s) + 1,
             "prefill_tok_s": batch * prompt / ttft_s, "ttft_ms": ttft_s * 1e3,
             "decode_tok_s": batch * len(steps_s) / sum(steps_s),
-            "p50_ms": statistics.median(steps_ms), "p99_ms": p99}
+            "p50_ms": statistics.median(steps_ms), "p99_ms": p99, "max_ms": steps_ms[-1]}
 
 
 # ----------------------------------------------------------------------------------- moekit
@@ -153,7 +158,11 @@ def _load(spec: dict):
         else:
             model = moekit.load_model(spec["path"], dtype=dtype).eval()
             if eng == "moekit-packed":
-                moekit.pack_experts(model)  # counted in load_s; its bytes in the peak RSS
+                # counted in load_s; its bytes in the peak RSS. Nothing packed (no MoE layer, a dtype or
+                # build the packed kernel cannot take) would time plain moekit under this name: fail.
+                if moekit.pack_experts(model) == 0:
+                    raise RuntimeError("moekit-packed: no expert weights were packed (no MoE layer, or the "
+                                       "packed kernel cannot take this model/dtype/build)")
         return run_moekit, model
     if eng == "transformers":
         from transformers import AutoModelForCausalLM
@@ -182,6 +191,16 @@ def _peak_rss() -> int:
 def main(spec_path: str, out_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
+    # The same allocator conditions for every engine: moekit's engine keeps freed memory (glibc
+    # settings + caching CPU allocator, moekit.utils.retain_freed_memory); set it here, before any
+    # engine loads, so transformers and llama.cpp run under it too (spec "retain": false: none does).
+    from moekit.utils import retain_freed_memory
+
+    if not spec.get("retain", True):
+        import os
+
+        os.environ["MOEKIT_RETAIN_MEMORY"] = "0"  # moekit's engine would otherwise set it for itself only
+    retained = retain_freed_memory(True)
     t0 = time.perf_counter()
     run, handle = _load(spec)
     load_s = time.perf_counter() - t0
@@ -198,7 +217,7 @@ def main(spec_path: str, out_path: str) -> int:
             print(json.dumps(r), flush=True)
     rss = _peak_rss()
     Path(out_path).write_text(json.dumps({"engine": spec["engine"], "load_s": load_s, "peak_rss_bytes": rss,
-                                          "results": results}))
+                                          "retained_memory": retained, "results": results}))
     return 0
 
 

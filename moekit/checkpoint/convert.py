@@ -36,12 +36,9 @@ def convert(src: str | Path, out: str | Path, to: str = "moekit", dtype: torch.d
     src, out = Path(src), Path(out)
     _check_out(out, src, overwrite)
     if to == "gguf":
-        try:
-            from moekit.checkpoint.gguf_export import export_gguf
-        except ImportError:
-            raise CheckpointError("GGUF export is not available in this moekit install (needs "
-                                  "moekit.checkpoint.gguf_export); convert --to hf and use llama.cpp's "
-                                  "convert_hf_to_gguf.py") from None
+        from moekit.checkpoint.gguf import require_gguf
+
+        require_gguf()  # without the gguf package: a MoekitError naming `pip install 'moekit[hf]'`, before loading
     if to not in ("moekit", "hf", "gguf"):
         raise CheckpointError(f"--to: unknown target {to!r}; choose moekit, hf or gguf")
     model = load_any(src, dtype=dtype)
@@ -50,6 +47,8 @@ def convert(src: str | Path, out: str | Path, to: str = "moekit", dtype: torch.d
 
         return export_hf(model, out, arch=arch, max_shard_size=max_shard_size)
     if to == "gguf":
+        from moekit.checkpoint.gguf_export import export_gguf
+
         return export_gguf(model, out)
     from moekit.checkpoint.native import save_model
 

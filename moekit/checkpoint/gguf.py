@@ -26,8 +26,21 @@ from moekit.config import ConfigError, ModelConfig, MoEConfig
 SUPPORTED_ARCHS = ("llama",)
 
 
+def require_gguf():
+    """The `gguf` package, or a clear error naming the extra that installs it (it is not a base
+    dependency: reading or writing .gguf files is the only thing that needs it)."""
+    try:
+        import gguf
+    except ModuleNotFoundError as e:
+        if e.name not in ("gguf", None):
+            raise  # gguf is there but one of its own dependencies is not: that traceback says which
+        raise CheckpointError("reading or writing GGUF files needs the gguf package, which the base install does "
+                              "not include: pip install 'moekit[hf]' (or pip install gguf)") from None
+    return gguf
+
+
 def _reader(path: Path):
-    import gguf
+    gguf = require_gguf()
 
     try:
         return gguf.GGUFReader(str(path), "r")
@@ -131,7 +144,7 @@ def _name_map(cfg: ModelConfig) -> dict[str, tuple[str, Any]]:
 
 
 def _dequantize(t, path: Path) -> torch.Tensor:
-    import gguf
+    gguf = require_gguf()
 
     try:
         arr = gguf.quants.dequantize(t.data, t.tensor_type)

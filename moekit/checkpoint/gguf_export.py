@@ -99,7 +99,9 @@ def _tensors(model, arch: str, mat_dtype: torch.dtype):
 
 def _placeholder_vocab(n: int) -> tuple[list[str], list[float], list[int]]:
     """A valid SentencePiece-style vocab of n tokens: <unk>, <s>, </s>, 256 byte tokens, then names."""
-    import gguf
+    from moekit.checkpoint.gguf import require_gguf
+
+    gguf = require_gguf()
 
     T = gguf.TokenType
     tokens, types = ["<unk>", "<s>", "</s>"], [T.UNKNOWN, T.CONTROL, T.CONTROL]
@@ -115,7 +117,9 @@ def export_gguf(model, out: str | Path, name: str | None = None) -> Path:
     """Write `model` as one .gguf file (`out` is the file, or a directory to hold `model.gguf`)."""
     # Plan: 1. check the layout and pick the arch; 2. hyperparameters + placeholder vocab as KV
     # metadata; 3. tensors in llama.cpp names/layout; 4. write to a temp file, rename (atomic).
-    import gguf
+    from moekit.checkpoint.gguf import require_gguf
+
+    gguf = require_gguf()  # a clear error naming the extra, before any work
 
     cfg = model.config
     arch = gguf_arch(cfg)

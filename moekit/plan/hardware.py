@@ -1,8 +1,9 @@
 """Accelerator and CPU-host descriptions for the roofline: memory, bandwidth and matmul peaks.
 
 GPU figures are vendor datasheet peaks (dense, no structured sparsity; SXM/OAM parts), memory as
-the driver reports it. `this-cpu` is measured on the spot (`moekit.plan.measure`: read bandwidth
-from a 1 GiB sum, matmul peaks from 2048^3 GEMMs, decode-shaped GEMV bandwidth) and cached in
+the driver reports it. `this-cpu` is measured on the spot in seconds (`moekit.plan.measure`: read
+bandwidth from a 1 GiB sum, time-bounded matmul peaks of GEMMs up to 2048^3 in the dtype bf16 weights
+are really computed in, decode-shaped GEMV bandwidth) and cached in
 ~/.cache/moekit/this-cpu.json; `--remeasure` refreshes it.
 """
 
@@ -88,11 +89,14 @@ def _ram_gib() -> float:
     return float("nan")
 
 
-def measure_this_cpu(read_gib: float = 1.0, gemm_n: int = 2048) -> Hardware:
-    """Measure this host with torch (`moekit.plan.measure`): ~5-10 s on 2 cores.
+def measure_this_cpu(read_gib: float = 1.0, gemm_n: int = 2048, budget_s: float = 6.0) -> Hardware:
+    """Measure this host with torch (`moekit.plan.measure`): seconds, not minutes, on 2 cores.
 
     1. read bandwidth: sum of a `read_gib` fp32 tensor (far beyond the caches);
-    2. bf16 and fp32 matmul peak: gemm_n^3 GEMMs;
+    2. matmul peaks, each time-bounded by `budget_s` (GEMM sides grow up to gemm_n while they fit):
+       fp32, and the dtype bf16 weights are really computed in (`measure.compute_dtype`): bf16 where
+       this CPU runs it natively, else fp32, so `bf16_tflops` is then the fp32 peak (a scalar bf16
+       GEMM would take minutes to measure and is not what moekit runs);
     3. decode-shaped GEMV: one bf16 row through `read_gib` of weights, via the path moekit's decode
        takes (its compiled kernel when available, else F.linear): what decode weight reads achieve.
     """
@@ -102,16 +106,20 @@ def measure_this_cpu(read_gib: float = 1.0, gemm_n: int = 2048) -> Hardware:
     from moekit.plan import measure
 
     mib = max(64, int(read_gib * 1024))
+    bf16_as = measure.compute_dtype(torch.bfloat16)
     with tqdm(total=3, desc="measuring this CPU", leave=False) as bar:
         bw = measure.read_bandwidth_gbs(mib, 5)
         bar.update()
-        peaks = {dt: measure.matmul_peak_gflops(dt, gemm_n, 3) / 1e3 for dt in (torch.bfloat16, torch.float32)}
+        peaks = {torch.float32: measure.matmul_peak_gflops(torch.float32, gemm_n, 3, budget_s) / 1e3}
+        if bf16_as not in peaks:
+            peaks[bf16_as] = measure.matmul_peak_gflops(bf16_as, gemm_n, 3, budget_s) / 1e3
         bar.update()
-        gemv, path = measure.gemv_bandwidth_gbs(mib, 3)
+        gemv, path = measure.gemv_bandwidth_gbs(mib, 3, budget_s=budget_s)
         bar.update()
-    return Hardware("this-cpu", round(_ram_gib(), 2), round(bw, 2), round(peaks[torch.bfloat16], 4), None, kind="cpu",
+    how = "" if bf16_as == torch.bfloat16 else "; bf16 not native here: bf16 weights computed in fp32, bf16 peak = fp32"
+    return Hardware("this-cpu", round(_ram_gib(), 2), round(bw, 2), round(peaks[bf16_as], 4), None, kind="cpu",
                     source=f"measured: {_cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-                           f"GEMV via {path}",
+                           f"GEMV via {path}{how}",
                     gemv_bandwidth_gbs=round(gemv, 2), fp32_tflops=round(peaks[torch.float32], 4))
 
 
@@ -122,9 +130,11 @@ def this_cpu(remeasure: bool = False) -> Hardware:
     from moekit.checkpoint.native import atomic_write_text
 
     from moekit import kernels
+    from moekit.kernels import isa
 
+    # The ISA tier (MOEKIT_CPU_ISA) changes which kernels and compute dtype run: part of the key.
     key = (f"{_cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
-           f"moekit kernels {kernels.available()}")
+           f"moekit kernels {kernels.available()} | isa {isa.tier()} bf16 native {isa.bf16_native_cpu()}")
     path = _cache_path()
     if not remeasure and path.is_file():
         try:

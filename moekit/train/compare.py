@@ -1,10 +1,11 @@
 """The main job, `moekit compare`: an MoE against its dense equivalent on real text, same tokens.
 
 1. prepare the corpus (cached); 2. train the MoE for a wall-clock share of the budget (its cosine
-schedule is fixed from its measured speed); 3. train `dense_equivalent(moe)` (same active
-parameters per token) for exactly the same steps, batches and data order; 4. evaluate both in bits
-per byte on val, test and the out-of-domain sets; 5. greedy samples; 6. `runs/<name>/report.md`
-with the table, samples and plots.
+schedule's length is fixed from its measured speed, then it trains to the schedule's end);
+3. train `dense_equivalent(moe)` (same active parameters per token) for exactly the same steps,
+batches, data order and learning-rate schedule; 4. evaluate both in bits per byte on val, test and
+the out-of-domain sets; 5. greedy samples; 6. `runs/<name>/report.md` with the table, samples and
+plots (losses, learning rate of both). A finished run is reused only when its settings match.
 """
 
 from __future__ import annotations
@@ -24,14 +25,74 @@ from moekit.train.trainer import TrainConfig, latest_checkpoint, train
 PROMPTS = ("The history of the city", "In the year 1850, the President")
 
 
-def _run_one(model, data, out: Path, tc: TrainConfig, progress: bool) -> dict[str, Any]:
-    """Train (or reuse a finished run / resume an interrupted one) and return its summary."""
-    summary = out / "summary.json"
-    if summary.is_file():
-        return json.loads(summary.read_text())
-    res = train(model, data, out, tc, resume=latest_checkpoint(out) is not None, progress=progress)
-    return {"steps": res.steps, "tokens": res.tokens, "train_seconds": res.train_seconds,
-            "tokens_per_s": res.tokens_per_s, "checkpoint": str(res.checkpoint)}
+KEY_FILE = "compare_key.json"
+"""What a run in runs/<name>/{moe,dense} was trained with: reused only when it matches exactly."""
+
+
+def _key_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The settings that differ between two run keys, as 'path: old -> new'."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _key_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def _run_one(model, data, out: Path, tc: TrainConfig, key: dict, progress: bool) -> dict[str, Any]:
+    """Train, reuse a finished run, or resume an interrupted one, and return its summary with
+    "reuse" saying which and why. A finished or interrupted run is reused only when its key (model
+    config, preset, data, budget, batch shape and every other training setting) equals `key`;
+    otherwise its directory is cleared and the model trains afresh."""
+    import shutil
+
+    summary, key_path = out / "summary.json", out / KEY_FILE
+    key = json.loads(json.dumps(key))  # the JSON form, as it is stored and compared
+    why = None
+    if out.exists() and any(out.iterdir()):
+        old = json.loads(key_path.read_text()) if key_path.is_file() else None
+        if old == key and summary.is_file():
+            return {**json.loads(summary.read_text()), "reuse": "reused (same settings)"}
+        if old == key and latest_checkpoint(out) is not None:
+            why = "resumed (same settings, interrupted run)"
+        else:
+            diff = ["no record of its settings"] if old is None else _key_diff(old, key)
+            why = "trained afresh: the previous run differs in " + "; ".join(diff[:6])
+            print(f"{out}: {why}")
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(key_path, json.dumps(key, indent=1))
+    train(model, data, out, tc, resume=latest_checkpoint(out) is not None, progress=progress)
+    return {**json.loads(summary.read_text()), "reuse": why or "trained (no earlier run)"}
+
+
+def _lrs(run: Path) -> list[tuple[int, float]]:
+    from moekit.train.telemetry import read_jsonl
+
+    return [(r["step"], r["lr"]) for r in read_jsonl(run / "metrics.jsonl") if "lr" in r]
+
+
+def plot_lr(runs: dict[str, Path], path: Path) -> Path:
+    """Learning rate against step for each run (both must follow one schedule to its end)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moekit.checkpoint.native import atomic_write
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for (name, run), style in zip(runs.items(), ("-", "--", ":")):
+        pts = _lrs(run)
+        ax.plot([s for s, _ in pts], [lr for _, lr in pts], style, label=name)
+    ax.set(xlabel="step", ylabel="learning rate", title="learning-rate schedule")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    plt.close(fig)
+    return path
 
 
 def compare(name: str = "moe-vs-dense", preset: str = "small-moe", *, data_dir: str = "data",
@@ -61,12 +122,19 @@ def compare(name: str = "moe-vs-dense", preset: str = "small-moe", *, data_dir: 
     dense_cfg = dense_equivalent(moe_cfg)
     # 2. MoE: the MoE gets ~55% of the training minutes; the dense model (usually faster per token)
     # then trains on exactly as many steps, so both see the same tokens in the same order.
+    # The wall clock only sizes the MoE's cosine (finish_schedule): it trains to the schedule's end, and the
+    # dense model runs exactly that many steps, so both follow the same lr(step) from warmup to its floor.
     base = dict(batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, precision=precision,
                 eval_every=eval_every, eval_tokens=eval_tokens, ckpt_every=100, threads=threads)
-    moe_tc = TrainConfig(**base, max_tokens=max_tokens, max_minutes=None if max_tokens else minutes * 0.55)
-    moe_sum = _run_one(build_model(moe_cfg, seed=seed), data, root / "moe", moe_tc, progress)
+    moe_tc = TrainConfig(**base, max_tokens=max_tokens, max_minutes=None if max_tokens else minutes * 0.55,
+                         finish_schedule=True)
+    job = {"preset": preset, "corpus": corpus, "data": str(data.root), "budget": {"minutes": None if max_tokens
+           else minutes, "max_tokens": max_tokens}}
+    moe_sum = _run_one(build_model(moe_cfg, seed=seed), data, root / "moe", moe_tc,
+                       {**job, "model": moe_cfg.to_dict(), "train": asdict(moe_tc)}, progress)
     dense_tc = TrainConfig(**base, max_steps=moe_sum["steps"])
-    dense_sum = _run_one(build_model(dense_cfg, seed=seed), data, root / "dense", dense_tc, progress)
+    dense_sum = _run_one(build_model(dense_cfg, seed=seed), data, root / "dense", dense_tc,
+                         {**job, "model": dense_cfg.to_dict(), "train": asdict(dense_tc)}, progress)
     # 3. evaluation + samples ------------------------------------------------------------
     results, samples, info = {}, {}, {}
     tok = data.tokenizer()
@@ -78,13 +146,19 @@ def compare(name: str = "moe-vs-dense", preset: str = "small-moe", *, data_dir: 
         info[label] = {**summ, "total_params": pc.total_params, "active_params": pc.active_params}
     # 4. plots + report ------------------------------------------------------------------
     plot_curves({"moe": root / "moe", "dense": root / "dense"}, root / "curves.png")
+    plot_lr({"moe": root / "moe", "dense": root / "dense"}, root / "lr.png")
+    sched = {label: _lrs(root / label) for label in ("moe", "dense")}
+    floor = lr * TrainConfig().min_lr_ratio
+    for label in ("moe", "dense"):
+        info[label]["final_lr"] = sched[label][-1][1] if sched[label] else None
+    schedule = {"same_lr_per_step": sched["moe"] == sched["dense"], "lr_floor": floor, "peak_lr": lr}
     plot_run(root / "moe")
     plot_run(root / "dense")
     total_s = time.perf_counter() - t_start
     payload = {"name": name, "preset": preset, "data": str(data.root), "data_seconds": t_data,
                "total_seconds": total_s, "threads": torch.get_num_threads(), "models": info, "results": results,
                "samples": samples, "moe_config": moe_cfg.to_dict(), "dense_config": dense_cfg.to_dict(),
-               "train_config": asdict(moe_tc)}
+               "train_config": asdict(moe_tc), "schedule": schedule}
     atomic_write_text(root / "results.json", json.dumps(payload, indent=1))
     report = root / "report.md"
     atomic_write_text(report, render_report(payload))
@@ -104,23 +178,37 @@ def render_report(p: dict[str, Any]) -> str:
         verdict += (f"the MoE is **not** better at this scale (worse by {mv - dv:.4f} bpb). The seeds' claim does not "
                     "hold for this run; see docs/experiments.md for how budget and size change it.")
     lines = [f"# {p['name']}: MoE vs dense at equal active parameters", "", verdict, "",
-             "| model | total params | active params | tokens | train s | tok/s | "
+             "| model | total params | active params | tokens | train s | tok/s | stopped by | final lr | "
              + " | ".join(f"{s} bpb" for s in splits) + " |",
-             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(splits)]
+             "|---|---:|---:|---:|---:|---:|---|---:|" + "---:|" * len(splits)]
     for m in ("moe", "dense"):
         i = info[m]
+        lr_end = f"{i['final_lr']:.2e}" if i.get("final_lr") is not None else "-"
         lines.append(f"| {m} | {i['total_params'] / 1e6:.2f}M | {i['active_params'] / 1e6:.2f}M | {i['tokens']:,} | "
-                     f"{i['train_seconds']:.0f} | {i['tokens_per_s']:,.0f} | "
+                     f"{i['train_seconds']:.0f} | {i['tokens_per_s']:,.0f} | {i.get('stopped_by', '-')} | {lr_end} | "
                      + " | ".join(f"{res[m][s]['bpb']:.4f}" for s in splits) + " |")
     ev_tok = {s: res["moe"][s]["tokens"] for s in splits}
     lines += ["", f"Eval tokens per split: {ev_tok}. Data prep {p['data_seconds']:.0f} s, whole job "
-              f"{p['total_seconds'] / 60:.1f} min on {p['threads']} threads.", "", "## Greedy samples", ""]
+              f"{p['total_seconds'] / 60:.1f} min on {p['threads']} threads."]
+    sch = p.get("schedule")
+    if sch:
+        same = "the same learning rate at every step" if sch["same_lr_per_step"] else \
+            "**different** learning rates at some steps"
+        lines += ["", f"Schedule: warmup then cosine from {sch['peak_lr']:.1e} to {sch['lr_floor']:.1e}; both models "
+                  f"had {same} (plot below). `stopped by`: schedule_end = the wall clock sized the schedule and the "
+                  "run finished it; budget = its step/token budget; max_minutes = cut by the clock."]
+    reuse = {m: info[m].get("reuse") for m in ("moe", "dense") if info[m].get("reuse")}
+    if reuse:
+        lines += ["", "Runs: " + "; ".join(f"{m} {why}" for m, why in reuse.items()) + "."]
+    lines += ["", "## Greedy samples", ""]
     for m in ("moe", "dense"):
         for prompt, text in p["samples"][m].items():
             lines.append(f"- **{m}** — _{prompt}_ → {json.dumps(text)}")
-    lines += ["", "## Plots", "", "![curves](curves.png)", "", "MoE expert load over training and on val at the end:",
+    lines += ["", "## Plots", "", "![curves](curves.png)", "", "Learning rate of both models:", "", "![lr](lr.png)", "",
+              "MoE expert load over training and on val at the end:",
               "", "![heatmap](moe/load_heatmap.png)", "", "![histogram](moe/load_hist.png)", "",
-              "Rerun: `moekit compare` (finished runs are reused; delete the directory to start over)."]
+              "Rerun: `moekit compare` (a finished run is reused only when its model, preset, data, budget and batch "
+              "shape match; otherwise it trains afresh and says why)."]
     return "\n".join(lines) + "\n"
 
 

@@ -56,6 +56,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast where the CPU runs bf16 natively, else fp32 (`moekit.precision`)."""
     threads: int | None = None
+    finish_schedule: bool = False
+    """With max_minutes alone: the wall clock only sizes the cosine (from the first steps' speed) and the
+    run then trains to the schedule's end instead of being cut at the deadline (`moekit compare`: the
+    dense model follows the very same schedule, so both must reach its end)."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -205,7 +209,7 @@ def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume
     stopped_by = "budget"
     last_eval_step = evals[-1]["step"] if evals else -1
     while total is None or step < total:
-        if deadline is not None and elapsed >= deadline:
+        if deadline is not None and elapsed >= deadline and not (tc.finish_schedule and total is not None):
             stopped_by = "max_minutes"
             break
         t0 = time.perf_counter()
@@ -265,11 +269,14 @@ def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume
         tele.flush(step, "train")
     if step != last_eval_step and step > 0:
         do_eval()
+    if stopped_by == "budget" and tc.max_minutes is not None and tc.finish_schedule and tc.total_steps() is None:
+        stopped_by = "schedule_end"  # the wall clock sized the schedule; the run finished it
     ck_final = save_checkpoint(out, step, model, opt, snapshot(), data.tokenizer_path)
     res = TrainResult(out=out, checkpoint=ck_final, steps=step, tokens=tokens, train_seconds=elapsed,
                       tokens_per_s=tokens / max(elapsed, 1e-9), history=history, evals=evals, stopped_by=stopped_by)
     summary = {k: v for k, v in asdict(res).items() if k not in ("history", "evals")}
-    summary.update(out=str(out), checkpoint=str(ck_final), final_val_bpb=evals[-1]["val_bpb"] if evals else None)
+    summary.update(out=str(out), checkpoint=str(ck_final), final_val_bpb=evals[-1]["val_bpb"] if evals else None,
+                   schedule_steps=total)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     try:
         from moekit.train.plots import plot_run
