@@ -309,16 +309,14 @@ def test_best_time_is_time_bounded():
 def test_roofline_measures_the_computed_dtype(monkeypatch):
     """Where bf16 is not native (simulated: MOEKIT_CPU_ISA=avx2) bf16 weights are computed in fp32: the
     peak is the fp32 one, measured in seconds, and the report says so."""
-    import time
-
     from moekit.plan import measure
 
     monkeypatch.setenv("MOEKIT_CPU_ISA", "avx2")
     assert measure.compute_dtype(torch.bfloat16) == torch.float32
     assert measure.compute_dtype(torch.float32) == torch.float32
-    t0 = time.perf_counter()
+    # The time bound itself is tested on a synthetic slow probe above (best_time's budget); the
+    # wall clock here depends on the machine's load, so it is not asserted.
     m = roofline.measure_machine(torch.bfloat16, quick=True)
-    assert time.perf_counter() - t0 < 30
     assert m.compute_dtype == "float32" and m.dtype == "bfloat16" and "not native" in m.peak_note
     assert m.matmul_gflops > 0.1
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import platform
 import shlex
 import statistics
 import subprocess
@@ -29,19 +28,14 @@ DEFAULT_ENGINES = ["moekit", "dense", "transformers", "llama.cpp"]
 
 
 def _machine_desc() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """`moekit doctor`'s facts in one line (CPU, ISA tier, bf16, compute dtype, kernels), plus the load."""
     import os
+
+    from moekit.doctor import facts, summary_line
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     # Other processes' load skews every number (and 2-thread OpenMP regions badly): say so.
-    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, load average {load:.1f} at start"
+    return f"{summary_line(facts(backends=False))}; load average {load:.1f} at start"
 
 
 def _prepare(model: str, dtype: torch.dtype, seed: int, engines: list[str], tmp: Path) -> tuple[dict, dict, object]:
@@ -155,7 +149,8 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
               new_tokens: int = 32, engines: list[str] | None = None,
               dtype: Literal["bfloat16", "float32"] = "bfloat16", threads: int = 2, out: Path = Path("bench_results"),
               quick: bool = False, seed: int = 0, timeout: int = 900, max_prefill_tokens: int = 0,
-              rounds: int = 1, rejudge: Path | None = None) -> int:
+              rounds: int = 1, rejudge: Path | None = None,
+              precision: Literal["auto", "bf16", "fp32"] = "auto") -> int:
     """Benchmark generation speed against the dense equivalent, transformers and llama.cpp.
 
     Prefill tokens/s, time to first token, decode tokens/s, per-token latency p50/p99 (the maximum
@@ -173,7 +168,10 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
         new_tokens: decode steps timed per run.
         engines: engines to run, from moekit moekit-packed dense transformers llama.cpp (default:
             all but moekit-packed, which is moekit on packed expert weights).
-        dtype: weights and compute dtype for every engine.
+        dtype: the weights' dtype, the same for every engine (the GGUF for llama.cpp is written in it).
+        precision: compute dtype of moekit and transformers: auto (bf16 where the CPU runs it
+            natively, else fp32: transformers then loads the weights in fp32, and moekit keeps bf16
+            weights that its kernels widen to fp32), bf16, or fp32.
         threads: CPU threads for every engine.
         out: output directory.
         quick: small shapes and short measurements (tests, CI).
@@ -209,7 +207,7 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
     out.mkdir(parents=True, exist_ok=True)
     command = (f"moekit bench {shlex.quote(model)} --batch-sizes {' '.join(map(str, batch_sizes))} "
                f"--prompt-lens {' '.join(map(str, prompt_lens))} --new-tokens {new_tokens} --engines "
-               f"{' '.join(engines)} --dtype {dtype} --threads {threads} --seed {seed}"
+               f"{' '.join(engines)} --dtype {dtype} --precision {precision} --threads {threads} --seed {seed}"
                + (f" --max-prefill-tokens {max_prefill_tokens}" if max_prefill_tokens else "")
                + (f" --rounds {rounds}" if rounds > 1 else ""))
 
@@ -252,7 +250,8 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
                 st = stats[eng]
                 if st["status"] != "ok":
                     continue
-                spec = {"engine": eng, "path": paths[eng], "dtype": dtype, "threads": threads, "seed": seed,
+                spec = {"engine": eng, "path": paths[eng], "dtype": dtype, "precision": precision,
+                        "threads": threads, "seed": seed,
                         "batch_sizes": [b], "prompt_lens": [p], "new_tokens": new_tokens, "max_prefill_tokens": 0}
                 (tmp / "spec.json").write_text(json.dumps(spec))
                 res_path = tmp / f"{eng}.json"
@@ -271,6 +270,7 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
                 st["peak_rss_bytes"] = max(st["peak_rss_bytes"], r["peak_rss_bytes"])
                 st["load_s"] = max(st["load_s"], r["load_s"])
                 st["retained_memory"] = r.get("retained_memory")  # the same allocator setting for every engine
+                st["compute"] = r.get("compute")
         data["engines"].extend(stats[e] for e in live)
         data["results"] = _median_over_rounds(data["results"])
         data["results"].sort(key=lambda r: (engines.index(r["engine"]), r["prompt"], r["batch"]))

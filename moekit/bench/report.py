@@ -141,11 +141,12 @@ def markdown(data: dict) -> str:
         lines.append(f"| {r['engine']} | {r['batch']} | {r['prompt']} | {r['prefill_tok_s']:,.0f} | "
                      f"{r['ttft_ms']:,.0f} | {r['decode_tok_s']:,.1f} | {r['p50_ms']:.1f} | {_tail(r)} | "
                      f"{_pct(r['prefill_frac'])} | {_pct(r['decode_frac'])} ({r['decode_bound_kind']}) |")
-    lines += ["", "| engine | peak RSS | load s | status |", "|---|---|---|---|"]
+    lines += ["", "| engine | computes in | peak RSS | load s | status |", "|---|---|---|---|---|"]
     for e in data["engines"]:
         rss = f"{e['peak_rss_bytes'] / 2**30:.2f} GiB" if e.get("peak_rss_bytes") else "-"
         load = f"{e['load_s']:.1f}" if e.get("load_s") is not None else "-"
-        lines.append(f"| {e['engine']} | {rss} | {load} | {e['status']} |")
+        comp = e.get("compute") or ("weights' dtype (gguf)" if e["engine"] == "llama.cpp" else "-")
+        lines.append(f"| {e['engine']} | {comp} | {rss} | {load} | {e['status']} |")
     lines += ["", "## Targets (ratios from this run)", "",
               "Verdicts (`moekit/bench/verdict.py`): yes/no only with 2+ rounds and the median clearing the target by "
               "more than the spread over rounds; one round is indicative; a result above 100% of its roofline means "

@@ -10,6 +10,7 @@ and a crash (llama.cpp) cannot take the benchmark down.
 
 from __future__ import annotations
 
+import functools
 import json
 import resource
 import statistics
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from moekit.precision import apply_inference_policy
 
 
 def _prompts(vocab: int, batch: int, prompt: int, seed: int) -> torch.Tensor:
@@ -42,10 +45,10 @@ def _result(batch: int, prompt: int, ttft_s: float, steps_s: list[float]) -> dic
 
 
 # ----------------------------------------------------------------------------------- moekit
-def run_moekit(model, batch: int, prompt: int, new_tokens: int, seed: int) -> dict:
+def run_moekit(model, batch: int, prompt: int, new_tokens: int, seed: int, precision: str = "auto") -> dict:
     from moekit.inference import Engine, SamplingParams
 
-    eng = Engine(model, max_batch_size=batch)
+    eng = Engine(model, max_batch_size=batch, precision=precision)
     ids = _prompts(model.config.vocab_size, batch, prompt, seed).tolist()
     eng.generate(ids, SamplingParams(max_new_tokens=new_tokens + 1), time_steps=True)
     return _result(batch, prompt, eng.stats.prefill_s, eng.stats.step_s)
@@ -163,17 +166,36 @@ def _load(spec: dict):
                 if moekit.pack_experts(model) == 0:
                     raise RuntimeError("moekit-packed: no expert weights were packed (no MoE layer, or the "
                                        "packed kernel cannot take this model/dtype/build)")
-        return run_moekit, model
+        # The compute-dtype policy (moekit.precision) once, before timing: with "auto", fp32 compute
+        # where bf16 is not native (big weights stay bf16 where the kernels widen them).
+        prec = spec.get("precision", "auto")
+        spec["compute"] = apply_inference_policy(model, prec)
+        return functools.partial(run_moekit, precision=prec), model
     if eng == "transformers":
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype).eval()
+        # transformers in its fastest dtype here: with "auto", fp32 where bf16 is not native (its
+        # bf16 matmuls would run 3-100x slower), else the weights' dtype.
+        tdt = transformers_dtype(dtype, spec.get("precision", "auto"))
+        spec["compute"] = str(tdt).removeprefix("torch.")
+        model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=tdt).eval()
         return run_transformers, model
     if eng == "llama.cpp":
         n_seq = max(spec["batch_sizes"])
         n_ctx = n_seq * (max(spec["prompt_lens"]) + spec["new_tokens"] + 8)
         return run_llamacpp, LlamaCpp(spec["path"], spec["threads"], n_ctx, n_seq)
     raise ValueError(f"unknown engine {eng!r}")
+
+
+def transformers_dtype(weights: torch.dtype, precision: str) -> torch.dtype:
+    """The dtype the transformers engine computes in for this precision setting."""
+    from moekit.precision import bf16_native
+
+    if precision == "fp32" or (precision == "auto" and weights != torch.float32 and not bf16_native("cpu")):
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    return weights
 
 
 def _peak_rss() -> int:
@@ -217,7 +239,8 @@ def main(spec_path: str, out_path: str) -> int:
             print(json.dumps(r), flush=True)
     rss = _peak_rss()
     Path(out_path).write_text(json.dumps({"engine": spec["engine"], "load_s": load_s, "peak_rss_bytes": rss,
-                                          "retained_memory": retained, "results": results}))
+                                          "retained_memory": retained, "compute": spec.get("compute"),
+                                          "results": results}))
     return 0
 
 
