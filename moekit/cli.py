@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "eval": "moekit.train.evaluate:eval_cli",
     "generate": "moekit.inference.cli:generate_cli",
     "bench": "moekit.bench.cli:bench_cli",
+    "serve": "moekit.serve.cli:serve_cli",
     "plan": "moekit.plan.cli:plan_cli",
     "convert": "moekit.checkpoint.convert:convert_cli",
     "upcycle": "moekit.checkpoint.upcycle:upcycle_cli",
