@@ -197,7 +197,8 @@ def create_app(state: ServerState) -> FastAPI:
         seqs, q = await run(raw, sched, prompts, params, req.n)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         build = R.Builder(rid, state.model_name, chat, state.codec, len(seqs), prompts, req.n,
-                          prompt_texts if req.echo else None, req.logprobs if chat else lp is not None)
+                          prompt_texts if req.echo else None, req.logprobs if chat else lp is not None,
+                          req.return_token_ids)
         if not req.stream:
             try:
                 async for ev in events(raw, sched, seqs, q, poll_disconnect=True):

@@ -53,9 +53,13 @@ def context_error(limit: int, prompt_tokens: int, max_tokens: int) -> APIError:
                     "input_tokens")
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after", "TextPart"}
+
+
 def _clean_loc(loc) -> str:
     # ("body", "messages", 0, "content") -> "messages.0.content"; "body" and union tags dropped.
-    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and (
+        "[" in p or "-" in p or p in _TYPE_TAGS))]
     return ".".join(parts)
 
 
@@ -75,7 +79,7 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         if e.get("type") == "json_invalid":
             msg = f"request body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})"
         elif e.get("type") == "model_attributes_type" or (not loc and e.get("type", "").endswith("_type")):
-            msg = "request body must be a JSON object"
+            msg = "request body must be a JSON object (sent with Content-Type: application/json)"
         else:
             msg = f"{loc or 'body'}: {e.get('msg', 'invalid value')}"
             if "input" in e and e.get("type") != "missing":

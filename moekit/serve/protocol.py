@@ -54,6 +54,7 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     priority: Annotated[StrictInt, Field(ge=-(2**31), le=2**31)] = 0
     return_routed_experts: StrictBool = False
+    return_token_ids: StrictBool = False
     response_format: ResponseFormat | None = None
     user: StrictStr | None = None
 

@@ -20,7 +20,8 @@ def sse(obj: dict) -> str:
 
 class Builder:
     def __init__(self, rid: str, model: str, chat: bool, codec: TextCodec, n_choices: int,
-                 prompts: list[list[int]], n: int, echo: list[str] | None, logprobs: bool):
+                 prompts: list[list[int]], n: int, echo: list[str] | None, logprobs: bool,
+                 token_ids: bool = False):
         self.rid, self.model, self.chat, self.codec = rid, model, chat, codec
         self.created = int(time.time())
         self.prompts, self.n, self.echo, self.want_lp = prompts, n, echo, logprobs
@@ -32,6 +33,8 @@ class Builder:
         self.cached = [0] * n_choices
         self.started = [False] * n_choices
         self.offset = [0] * n_choices
+        self.want_ids = token_ids
+        self.ids: list[list[int]] = [[] for _ in range(n_choices)]
 
     # ------------------------------------------------------------ logprobs
     def _tok(self, t: int) -> str:
@@ -62,6 +65,8 @@ class Builder:
     def _record(self, ev: Event):
         i = ev.index
         entry = self._lp_entry(i, ev)
+        if ev.token is not None:
+            self.ids[i].append(ev.token)
         if entry is not None:
             self.lp[i].append(entry)
         if ev.finish is not None:
@@ -79,7 +84,10 @@ class Builder:
         return self.echo[i // self.n] if self.echo is not None else ""
 
     def _choice_extra(self, i: int) -> dict:
-        return {} if self.routed[i] is None else {"routed_experts": self.routed[i]}
+        out = {} if self.routed[i] is None else {"routed_experts": self.routed[i]}
+        if self.want_ids:
+            out.update(token_ids=self.ids[i], prompt_token_ids=self.prompts[i // self.n])
+        return out
 
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.prompts)

@@ -39,3 +39,18 @@ def serve_in_thread(state: ServerState, port: int | None = None, timeout_gracefu
         t.join(10)
         if state.scheduler is not None:
             state.scheduler.shutdown()
+
+
+def tiny_state(model_dir=None, preset: str = "tiny-moe", name: str = "tiny", **cfg) -> ServerState:
+    """A ready `ServerState` over a randomly initialised preset and a small byte-level BPE
+    tokenizer trained on the spot (tests and demos: no downloads)."""
+    import moekit
+    from moekit.data.tokenizer import train_tokenizer
+    from moekit.serve.scheduler import ServeConfig
+
+    corpus = [f"the quick brown fox {i} jumps over the lazy dog number {i * 7} and runs away" for i in range(200)]
+    tok = train_tokenizer(corpus, vocab_size=400, show_progress=False)
+    model = moekit.build_model(moekit.get_preset(preset), seed=0).eval()
+    state = ServerState(name, ServeConfig(**cfg))
+    state.attach(model, tok, model_dir)
+    return state
