@@ -240,6 +240,7 @@ def create_app(state: ServerState) -> FastAPI:
         prompts, texts = [], []
         for it in items:
             ids = state.codec.encode(it) if isinstance(it, str) else list(it)
+            state.codec.check_ids(ids)
             prompts.append(ids)
             texts.append(it if isinstance(it, str) else state.codec.decode(ids))
         return await serve(raw, req, prompts, False, texts)
