@@ -161,3 +161,39 @@ def test_health_503_while_loading():
     assert c.get("/health").status_code == 503
     r = c.post("/v1/completions", json={"prompt": "hi"})
     assert r.status_code == 503 and r.json()["error"]["code"] == 503
+
+
+def test_dashboard_page_and_live_feed(server, client):
+    url = server[1]
+    page = httpx.get(url + "/dashboard")
+    assert page.status_code == 200 and "EventSource" in page.text
+    assert "<script src" not in page.text and "cdn" not in page.text.lower()  # self-contained, no CDN
+
+    def snapshot(c):
+        with c.stream("GET", url + "/dashboard/events?interval=0.1") as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    return json.loads(line[6:])
+
+    with httpx.Client(timeout=30) as c:
+        before = snapshot(c)
+        client.completions.create(model="tiny", prompt="the fox " * 10, max_tokens=8, extra_body={"ignore_eos": True})
+        after = snapshot(c)
+    assert len(after["heatmap"]) == 2 and len(after["heatmap"][0]) == 8
+    assert sum(map(sum, after["heatmap"])) > sum(map(sum, before["heatmap"]))
+    assert 0 < after["balancedness"] <= 1 and after["ttft_p50"] is not None
+
+
+def test_bench_serve_against_server(server, tmp_path):
+    from moekit.cli import main
+
+    out = tmp_path / "bench"
+    rc = main(["bench", "serve", server[1], "--token-ids", "--num-prompts", "6", "--max-tokens", "4",
+               "--input-words", "8", "--request-rate", "50", "--max-concurrency", "3", "--warmup", "1",
+               "--goodput", "ttft:60000", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())["summary"]
+    assert res["completed"] == 6 and res["failed"] == 0 and res["total_output_tokens"] == 24
+    assert res["request_goodput"] == pytest.approx(res["request_throughput"])
+    assert res["ttft_ms"]["p50"] > 0 and res["itl_ms"]["p99"] >= res["itl_ms"]["p50"]
+    assert (out / "results.md").read_text().startswith("# moekit bench serve") and (out / "latency.png").stat().st_size
