@@ -38,7 +38,8 @@ def serve_cli(model: str, host: str = "127.0.0.1", port: int = 8000, served_mode
         max_body_bytes: largest request body accepted (413 above).
         shutdown_timeout: seconds to drain in-flight requests on SIGTERM.
         dtype: weights dtype (auto = as stored; float32 for presets).
-        threads: torch CPU threads (0 = torch's default).
+        threads: torch CPU threads for the model (0 = all cores but one, which the HTTP loop and
+            tokenizer keep; on a busy or 2-core machine extra OpenMP threads mostly spin).
         seed: weights seed for a preset.
         pack_experts: pack expert weights for the CPU outer-product kernel.
         log_level: uvicorn/moekit log level.
@@ -58,8 +59,9 @@ def serve_cli(model: str, host: str = "127.0.0.1", port: int = 8000, served_mode
                     ("max-queue", max_queue)):
         if v < 1:
             raise MoekitError(f"--{name} must be >= 1 (got {v})")
-    if threads:
-        torch.set_num_threads(threads)
+    import os
+
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ServeConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                       max_model_len=max_model_len or None, max_queue=max_queue, policy=scheduling_policy,

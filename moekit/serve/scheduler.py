@@ -273,17 +273,32 @@ class Scheduler:
         if dec:
             self._decode(dec)
             budget -= len(dec)
-        # 4. chunked prefill (at least one token per step so a full decode batch cannot starve it)
-        # A full decode batch still lets one block of prefill through, so admission never starves.
+        # 4. chunked prefill; a full decode batch still lets one block through (no starvation).
         budget = max(budget, cfg.prefix_block)
-        for s in sorted((s for s in running if s.prefilling and not s.done), key=lambda s: s.id):
+        used = cfg.max_num_batched_tokens - budget
+        pending = sorted((s for s in running if s.prefilling and not s.done), key=lambda s: s.id)
+        # Whole prompts starting from an empty slot go together in one padded forward (a burst of
+        # arrivals costs one prefill, not one per request); the rest go one chunk at a time.
+        fresh, padded = [], 0
+        for s in pending:
+            n = len(s.prompt)
+            if s.cached or max(padded, n) * (len(fresh) + 1) > budget:
+                break
+            fresh.append(s)
+            padded = max(padded, n)
+        if len(fresh) > 1:
+            self._prefill_fresh(fresh)
+            budget -= padded * len(fresh)
+            pending = pending[len(fresh):]
+        for s in pending:
             n = min(len(s.prompt) - s.cached, budget)
             if n <= 0:
                 break
             self._prefill(s, n)
             budget -= n
-        m.iteration_tokens.observe(max(0, cfg.max_num_batched_tokens - budget))
+        m.iteration_tokens.observe(used + max(0, cfg.max_num_batched_tokens - used - budget))
         m.kv_usage.set(sum(self.host_len) / (len(self.slots) * self.max_len))
+        m.running.set(sum(s is not None for s in self.slots))
 
     def _admit(self, s: Seq, slot: int, now: float) -> None:
         s.slot = slot
@@ -346,6 +361,37 @@ class Scheduler:
         if not s.prefilling:
             self.prefix.store(self.cache.layers, s.slot, s.prompt)
             self._sample_and_emit([s], logits_1V)
+
+    def _prefill_fresh(self, seqs: list[Seq]) -> None:
+        """Prefill several whole prompts into empty slots with one right-padded forward on a scratch
+        cache (an empty-cache prefill only writes keys, never reads them), then copy each row's
+        keys and values into its slot."""
+        B, S = len(seqs), max(len(s.prompt) for s in seqs)
+        lens = [len(s.prompt) for s in seqs]
+        ids_BS = torch.zeros(B, S, dtype=torch.int64)
+        for b, s in enumerate(seqs):
+            ids_BS[b, :lens[b]] = torch.tensor(s.prompt)
+        scratch = self.model.new_cache(B, S)
+        logits_BV, ids_LTK = self._forward(ids_BS, scratch, torch.tensor(lens) - 1)
+        for st, sc in zip(self.cache.layers, scratch.layers):
+            for t, u in zip(st, sc):
+                for b, s in enumerate(seqs):
+                    if t.dim() == 4:
+                        t[s.slot, :, :lens[b]] = u[b, :, :lens[b]]
+                    else:
+                        t[s.slot, :lens[b]] = u[b, :lens[b]]
+        for b, s in enumerate(seqs):
+            self.cache.lengths[s.slot] = lens[b]
+            self.host_len[s.slot] = lens[b]
+            s.cached = lens[b]
+        if ids_LTK is not None:
+            L, _, K = ids_LTK.shape
+            per_row = ids_LTK.view(L, B, S, K)
+            valid = torch.cat([per_row[:, b, :lens[b]] for b in range(B)], dim=1)
+            self._record_routing(valid, seqs, lens)
+        for s in seqs:
+            self.prefix.store(self.cache.layers, s.slot, s.prompt)
+        self._sample_and_emit(seqs, logits_BV)
 
     def _record_routing(self, ids_LTK: torch.Tensor, seqs: list[Seq], n_tok: list[int]) -> None:
         L, _, K = ids_LTK.shape
