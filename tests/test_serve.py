@@ -197,3 +197,26 @@ def test_bench_serve_against_server(server, tmp_path):
     assert res["request_goodput"] == pytest.approx(res["request_throughput"])
     assert res["ttft_ms"]["p50"] > 0 and res["itl_ms"]["p99"] >= res["itl_ms"]["p50"]
     assert (out / "results.md").read_text().startswith("# moekit bench serve") and (out / "latency.png").stat().st_size
+
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]},
+                                          "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["ok", "color", "n"], "additionalProperties": False}
+
+
+def test_json_schema_output_parses_and_validates(client):
+    pytest.importorskip("llguidance")
+    jsonschema = pytest.importorskip("jsonschema")
+    rf = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "answer"}],
+                                       max_tokens=60, temperature=1.0, seed=3, n=2, response_format=rf)
+    for c in r.choices:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.message.content), SCHEMA)
+    s = client.completions.create(model="tiny", prompt="fox", max_tokens=60, stream=True,
+                                  extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads("".join(c.choices[0].text for c in s if c.choices)), dict)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_schema", "json_schema": {"name": "x"}})
+    assert e.value.status_code == 400 and "schema" in e.value.message

@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from moekit.serve import responses as R
 from moekit.serve.errors import APIError, context_error, error_body, install
+from moekit.serve.grammar import Grammars
 from moekit.serve.metrics import Metrics
 from moekit.serve.protocol import ChatCompletionRequest, CompletionRequest
 from moekit.serve.scheduler import Event, QueueFull, Scheduler, Seq, SeqParams, ServeConfig
@@ -43,6 +44,7 @@ class ServerState:
     error: str | None = None
     scheduler: Scheduler | None = None
     codec: TextCodec | None = None
+    grammars: Grammars | None = None
     metrics: Metrics | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -51,6 +53,7 @@ class ServerState:
         mcfg = model.config
         n_moe = sum(b.is_moe for b in model.layers)
         self.codec = TextCodec(tokenizer, model_dir, mcfg.vocab_size)
+        self.grammars = Grammars(tokenizer, mcfg.vocab_size, self.codec.stop_ids)
         self.metrics = Metrics(self.model_name, n_moe, mcfg.moe.num_experts if n_moe else 0, self.per_expert_metrics)
         self.scheduler = Scheduler(model, self.codec, self.cfg, self.metrics)
         self.scheduler.start()
@@ -126,11 +129,6 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(404, f"The model `{name}` does not exist; this server serves `{state.model_name}`",
                            "model")
 
-    def check_format(req) -> None:
-        rf = req.response_format
-        if rf is not None and rf.type != "text":
-            raise APIError(400, f"response_format {rf.type!r} is not supported by this server "
-                                "(no grammar backend is installed); omit it or use type 'text'", "response_format")
 
     def prepare(sched: Scheduler, prompts: list[list[int]], req, default_max: int, logprobs: int | None):
         codec = state.codec
@@ -148,7 +146,7 @@ def create_app(state: ServerState) -> FastAPI:
             max_tokens = min(default_max, limit - longest)
         return _params(req, max_tokens, logprobs)
 
-    async def run(raw: Request, sched: Scheduler, prompts, params: SeqParams, n: int):
+    async def run(raw: Request, sched: Scheduler, prompts, params: SeqParams, n: int, grammar: str | None = None):
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         sink = lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev)  # noqa: E731
@@ -159,6 +157,8 @@ def create_app(state: ServerState) -> FastAPI:
                 if params.seed is not None and j:
                     sp = SeqParams(**{**params.__dict__, "seed": params.seed + j})
                 seqs.append(Seq(p, sp, sink, i * n + j, state.codec))
+                if grammar is not None:
+                    seqs[-1].matcher = state.grammars.matcher(grammar)
         try:
             sched.submit(seqs)
         except QueueFull:
@@ -188,13 +188,13 @@ def create_app(state: ServerState) -> FastAPI:
     async def serve(raw: Request, req, prompts: list[list[int]], chat: bool, prompt_texts: list[str]):
         sched = state.engine()
         check_model(req.model)
-        check_format(req)
+        grammar = state.grammars.compile(req.response_format)
         if chat:
             lp = (req.top_logprobs or 0) if req.logprobs else None
         else:
             lp = req.logprobs
         params = prepare(sched, prompts, req, 256 if chat else 16, lp)
-        seqs, q = await run(raw, sched, prompts, params, req.n)
+        seqs, q = await run(raw, sched, prompts, params, req.n, grammar)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         build = R.Builder(rid, state.model_name, chat, state.codec, len(seqs), prompts, req.n,
                           prompt_texts if req.echo else None, req.logprobs if chat else lp is not None,

@@ -117,6 +117,7 @@ class Seq:
         self.detok = Detokenizer(codec, params.stop)
         self.routed: list | None = [] if params.return_routed_experts else None
         self.first_t = self.last_t = None
+        self.matcher = None  # llguidance matcher when the request has a response_format grammar
         self.cancelled = False
         self.done = False
         self.gen = None
@@ -412,6 +413,10 @@ class Scheduler:
         counts = None
         if self.counts_NV is not None and any(r.presence_penalty or r.frequency_penalty for r in rows):
             counts = self.counts_NV[[s.slot for s in seqs]]
+        if any(s.matcher is not None for s in seqs):
+            from moekit.serve.grammar import mask_logits
+
+            logits_RV = mask_logits(logits_RV, [s.matcher for s in seqs])
         out = sample_rows(logits_RV, rows, counts)
         now = time.monotonic()
         m = self.metrics
@@ -431,6 +436,10 @@ class Scheduler:
                 continue
             s.tokens.append(t)
             hit = s.detok.add(t)
+            if s.matcher is not None:
+                s.matcher.consume_token(t)
+                if s.matcher.is_stopped() or s.matcher.is_error():
+                    hit = ""  # the grammar is complete: stop here
             lp = None if out.logprobs is None else out.logprobs[i]
             top = None if out.top is None else out.top[i]
             if hit is not None:
