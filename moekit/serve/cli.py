@@ -93,7 +93,13 @@ def serve_cli(model: str, host: str = "127.0.0.1", port: int = 8000, served_mode
         if state.scheduler is not None:
             state.scheduler.shutdown()
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # Drain from the first signal: /health turns 503, new requests get 503, dashboard
+            # streams end (so they do not hold the shutdown), in-flight generations finish.
+            state.draining = True
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
-    server = uvicorn.Server(config)
-    server.run()
+    Server(config).run()
     return 0
