@@ -122,6 +122,20 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="moekit serve", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.serve = state
     install(app)
+    plain_openapi = app.openapi
+
+    def openapi():
+        # Document the one model name the server accepts (others get 404), so schema-driven
+        # clients and fuzzers reach generation instead of the 404 path.
+        schema = plain_openapi()
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            props = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {})
+            if "model" in props:
+                props["model"] = {"anyOf": [{"type": "string", "enum": [state.model_name]}, {"type": "null"}],
+                                  "title": "Model"}
+        return schema
+
+    app.openapi = openapi
     app.add_middleware(BodyLimit, limit=state.max_body_bytes)
 
     def check_model(name: str | None) -> None:
