@@ -163,7 +163,12 @@ def create_app(state: ServerState) -> FastAPI:
     async def run(raw: Request, sched: Scheduler, prompts, params: SeqParams, n: int, grammar: str | None = None):
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        sink = lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev)  # noqa: E731
+        def sink(ev: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, ev)
+            except RuntimeError:  # the event loop is gone (server stopped): nobody is listening
+                pass
+
         seqs = []
         for i, p in enumerate(prompts):
             for j in range(n):
