@@ -48,11 +48,11 @@ class ServerState:
     metrics: Metrics | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def attach(self, model, tokenizer, model_dir: Path | None) -> None:
+    def attach(self, model, tokenizer, model_dir: Path | None, tokenizer_config: dict | None = None) -> None:
         """Build codec, metrics and scheduler for a loaded model and start the worker."""
         mcfg = model.config
         n_moe = sum(b.is_moe for b in model.layers)
-        self.codec = TextCodec(tokenizer, model_dir, mcfg.vocab_size)
+        self.codec = TextCodec(tokenizer, model_dir, mcfg.vocab_size, tokenizer_config)
         self.grammars = Grammars(tokenizer, mcfg.vocab_size, self.codec.stop_ids)
         self.metrics = Metrics(self.model_name, n_moe, mcfg.moe.num_experts if n_moe else 0, self.per_expert_metrics)
         self.scheduler = Scheduler(model, self.codec, self.cfg, self.metrics)
@@ -333,8 +333,8 @@ def load_in_background(state: ServerState, loader) -> threading.Thread:
 
     def target():
         try:
-            model, tok, model_dir = loader()
-            state.attach(model, tok, model_dir)
+            model, tok, model_dir, tok_cfg = loader()
+            state.attach(model, tok, model_dir, tok_cfg)
             log.info("model %s ready", state.model_name)
         except Exception as e:
             log.exception("model load failed")

@@ -79,7 +79,7 @@ def serve_cli(model: str, host: str = "127.0.0.1", port: int = 8000, served_mode
         Engine(m, pack_experts=pack_experts)  # eval mode, packed experts, allocator policy
         tok = load_tokenizer(model) or getattr(m, "tokenizer", None)
         p = Path(model)
-        return m, tok, (p if p.is_dir() else None)
+        return m, tok, (p if p.is_dir() else None), _gguf_tokenizer_config(p)
 
     app = create_app(state)
 
@@ -103,3 +103,16 @@ def serve_cli(model: str, host: str = "127.0.0.1", port: int = 8000, served_mode
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
     Server(config).run()
     return 0
+
+
+def _gguf_tokenizer_config(path: Path) -> dict:
+    """chat_template and eos_token from a GGUF's metadata ({} for anything else)."""
+    if path.suffix != ".gguf" or not path.is_file():
+        return {}
+    from moekit.checkpoint.gguf import _meta, _reader
+
+    meta = _meta(_reader(path))
+    out = {}
+    if isinstance(meta.get("tokenizer.chat_template"), str):
+        out["chat_template"] = meta["tokenizer.chat_template"]
+    return out

@@ -1,7 +1,8 @@
 """Text at the server's edge: tokenizer, chat template (Jinja2, sandboxed), stop ids, detokenizing.
 
 The chat template comes from the model directory's `tokenizer_config.json` ("chat_template", a
-string or a list of {name, template}) or a `chat_template.jinja` file; a model without one gets
+string or a list of {name, template}), a `chat_template.jinja` file, or a GGUF's
+`tokenizer.chat_template`; a model without one gets
 `DEFAULT_TEMPLATE` (role-tagged turns). A model without a tokenizer takes token ids only: a
 string prompt must then be space-separated ids, and output text is the ids joined by spaces.
 """
@@ -27,12 +28,13 @@ def _token_str(v) -> str | None:
 class TextCodec:
     """Encode prompts, render chat, decode outputs for one model."""
 
-    def __init__(self, tokenizer, model_dir: Path | None, vocab_size: int):
+    def __init__(self, tokenizer, model_dir: Path | None, vocab_size: int, extra: dict | None = None):
+        """`extra`: tokenizer-config keys from elsewhere (a GGUF's chat_template / eos_token)."""
         self.tok = tokenizer
         self.vocab_size = vocab_size
-        cfg = {}
+        cfg = dict(extra or {})
         if model_dir is not None and (model_dir / "tokenizer_config.json").is_file():
-            cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+            cfg.update(json.loads((model_dir / "tokenizer_config.json").read_text()))
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take "default" or the first
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
