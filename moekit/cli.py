@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "eval": "moekit.train.evaluate:eval_cli",
     "generate": "moekit.inference.cli:generate_cli",
     "bench": "moekit.bench.cli:bench_cli",
+    "serve": "moekit.serve.cli:serve_cli",
+    "bench serve": "moekit.bench.serve_cli:bench_serve_cli",
     "plan": "moekit.plan.cli:plan_cli",
     "convert": "moekit.checkpoint.convert:convert_cli",
     "upcycle": "moekit.checkpoint.upcycle:upcycle_cli",
@@ -97,7 +99,7 @@ def _add_params(parser: argparse.ArgumentParser, fn) -> None:
             parser.add_argument(flag, dest=name, default=p.default, **kw)
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None, pair: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description="moekit: Mixture-of-Experts LLM toolkit.")
     from moekit import __version__
 
@@ -106,6 +108,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, target in COMMANDS.items():
         parts = name.split()
+        if parts[0] in COMMANDS and (name == parts[0]) == (pair is not None and pair.startswith(parts[0] + " ")):
+            continue  # "bench serve" shadows "bench MODEL" only when asked for, and is hidden otherwise
         if only is not None and parts[0] != only:
             # Cheap entry for commands not being run: no import of their implementation.
             if parts[0] not in groups and parts[0] not in sub.choices:
@@ -134,7 +138,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     first = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(only=first if first in {n.split()[0] for n in COMMANDS} else None)
+    words = " ".join([a for a in argv if not a.startswith("-")][:2])
+    parser = build_parser(only=first if first in {n.split()[0] for n in COMMANDS} else None,
+                          pair=words if words in COMMANDS and " " in words else None)
     ns = parser.parse_args(argv)
     fn = getattr(ns, "_fn", None)
     if fn is None:
