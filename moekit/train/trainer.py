@@ -102,11 +102,16 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def _prepare_out(out: Path, resume: bool) -> Path | None:
-    ck = latest_checkpoint(out)
+    from moekit.checkpoint.manifest import describe_damage, resolve_resume
+
     if resume:
+        ck = resolve_resume(out)  # newest checkpoint that verifies; warns naming any damaged one
         if ck is None:
-            raise TrainError(f"--resume: no checkpoint in {out}/checkpoints; train without --resume first")
+            bad = describe_damage(out)
+            raise TrainError(f"--resume: no usable checkpoint in {out}/checkpoints"
+                             + (f" (damaged: {bad})" if bad else "") + "; train without --resume first")
         return ck
+    ck = latest_checkpoint(out)
     if ck is not None:
         raise TrainError(f"{out} already holds a run (checkpoint {ck.name}); pass --resume to continue it "
                          "or choose another --out")
@@ -362,8 +367,10 @@ def build_for_training(*, preset=None, config=None, init_from=None, data_dir="da
         data = prepare(corpus, data_dir, vocab_size, progress=progress)
     else:
         data = load_prepared(data_dir, corpus, vocab_size)
-    if resume_dir is not None and latest_checkpoint(resume_dir) is not None:
-        cfg = ModelConfig.from_json(latest_checkpoint(resume_dir) / "config.json")
+    from moekit.checkpoint.manifest import resolve_resume
+
+    if resume_dir is not None and (ck := resolve_resume(resume_dir, warn=False)) is not None:
+        cfg = ModelConfig.from_json(ck / "config.json")
         return build_model(cfg, seed=seed), data
     if init_from is not None:
         model = load_native(init_from).train()
