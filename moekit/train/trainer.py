@@ -108,8 +108,8 @@ def _prepare_out(out: Path, resume: bool) -> Path | None:
         ck = resolve_resume(out)  # newest checkpoint that verifies; warns naming any damaged one
         if ck is None:
             bad = describe_damage(out)
-            raise TrainError(f"--resume: no usable checkpoint in {out}/checkpoints"
-                             + (f" (damaged: {bad})" if bad else "") + "; train without --resume first")
+            raise TrainError(f"--resume: no checkpoint in {out}/checkpoints"
+                             + (f" that verifies (damaged: {bad})" if bad else "") + "; train without --resume first")
         return ck
     ck = latest_checkpoint(out)
     if ck is not None:
