@@ -67,15 +67,17 @@ class MoELayer(nn.Module):
         shape = x_BSD.shape
         x_TD = x_BSD.reshape(-1, shape[-1])
         r = self.router(x_TD)
+        # The fused CPU paths assume every expert is local; a distributed dispatcher takes the generic path.
+        local = getattr(self.dispatcher, "local", True)
         if self.use_reference:
             out_TD = loop_reference(x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts, self.cfg.weight_on_input)
             dropped = torch.zeros((), dtype=torch.int64, device=x_TD.device)
-        elif (packed := self._packed_topk(x_TD)) is not None:
+        elif local and (packed := self._packed_topk(x_TD)) is not None:
             # CPU inference on packed weights (`pack_experts`): grouping, experts and combine in one
             # kernel call at any T (the packed kernel beats oneDNN's and MKL's GEMMs at every size).
             out_TD = kernels.moe_experts_topk_packed(x_TD, r.topk_ids_TK, r.topk_weights_TK, packed).to(x_TD.dtype)
             dropped = torch.zeros((), dtype=torch.int64)
-        elif self._fused_topk(x_TD):
+        elif local and self._fused_topk(x_TD):
             # Decode-sized CPU inference: grouping, experts and combine in one kernel call.
             out_TD = kernels.moe_experts_topk(x_TD, r.topk_ids_TK, r.topk_weights_TK, self.experts.w13,
                                               self.experts.w2, self.experts.act).to(x_TD.dtype)
@@ -87,7 +89,7 @@ class MoELayer(nn.Module):
                 # tokens once before the gather instead, which also halves the rows it moves.
                 x_in_TD = x_TD.to(torch.get_autocast_dtype("cpu"))
             d = self.dispatcher.dispatch(x_in_TD, r.topk_ids_TK, r.topk_weights_TK, self.cfg.weight_on_input)
-            if _inference(x_TD, self.experts, d.weights_S):
+            if local and _inference(x_TD, self.experts, d.weights_S):
                 # CPU inference: experts and combine fused (compiled kernel for small experts).
                 w_S = torch.ones_like(d.weights_S) if d.weights_applied else d.weights_S
                 out_TD = self.experts.forward_combine(d.x_SD, d.counts_E, d.rows_S, w_S, d.num_tokens, d.top_k)
