@@ -101,41 +101,44 @@ def _tiny_lm():
 
 
 def _ckpt_worker(rank, world, path, ids):
+    """World of 4: save at EP=2 x DP=2, reload at EP=4 and at EP=2 x DP=2; every layout's logits
+    gathered to rank 0."""
     from moekit.checkpoint.native import load_native
 
-    layout = make_layout(world)
-    if path.joinpath("config.json").is_file():  # reload at this degree
-        model = apply_expert_parallel(load_native(path), layout)
-    else:
-        model = apply_expert_parallel(_tiny_lm(), layout)
-        with torch.no_grad():  # make each rank's shard distinct from the init (proves the gather)
-            for layer in model.moe_layers():
-                layer.experts.w13.add_(0.01 * (rank + 1))
-        save_full(model, path)
     B = ids.shape[0] // world
-    with torch.no_grad():
-        logits = model(ids[rank * B:(rank + 1) * B]).logits
-    parts = [torch.empty_like(logits) for _ in range(world)]
-    dist.all_gather(parts, logits)
-    if rank == 0:
-        torch.save(torch.cat(parts), path / f"logits-ep{world}.pt")
+    for tag, ep, load in (("save-ep2xdp2", 2, False), ("load-ep4", 4, True), ("load-ep2xdp2", 2, True)):
+        layout = make_layout(ep)
+        if load:
+            model = apply_expert_parallel(load_native(path), layout)
+        else:
+            model = apply_expert_parallel(_tiny_lm(), layout)
+            with torch.no_grad():  # make each EP shard distinct from the init (proves the gather)
+                for layer in model.moe_layers():
+                    layer.experts.w13.add_(0.01 * (layout.ep_rank + 1))
+            save_full(model, path)
+        with torch.no_grad():
+            logits = model(ids[rank * B:(rank + 1) * B]).logits
+        parts = [torch.empty_like(logits) for _ in range(world)]
+        dist.all_gather(parts, logits)
+        if rank == 0:
+            torch.save(torch.cat(parts), path / f"logits-{tag}.pt")
 
 
 def test_ep_checkpoint_reloads_at_another_degree(tmp_path):
     from moekit.checkpoint.native import load_native
 
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    run_local(_ckpt_worker, 2, tmp_path, ids)
     run_local(_ckpt_worker, 4, tmp_path, ids)
     single = load_native(tmp_path)
     with torch.no_grad():
         want = single(ids).logits
-    # The gathered file holds every rank's shard (rank r's experts shifted by 0.01 * (r + 1)).
+    # The gathered file holds every EP shard (shard r's experts shifted by 0.01 * (r + 1)).
     init = _tiny_lm().moe_layers()[0].experts.w13
     got = single.moe_layers()[0].experts.w13
-    torch.testing.assert_close(got - init, torch.tensor([0.01, 0.02]).repeat_interleave(8).view(16, 1, 1).expand_as(got))
-    for w in (2, 4):
-        torch.testing.assert_close(torch.load(tmp_path / f"logits-ep{w}.pt"), want, rtol=1e-5, atol=1e-5)
+    shift = torch.tensor([0.01, 0.02]).repeat_interleave(8).view(16, 1, 1).expand_as(got)
+    torch.testing.assert_close(got - init, shift)
+    for tag in ("save-ep2xdp2", "load-ep4", "load-ep2xdp2"):
+        torch.testing.assert_close(torch.load(tmp_path / f"logits-{tag}.pt"), want, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=50, deadline=None)
