@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "convert": "moekit.checkpoint.convert:convert_cli",
     "upcycle": "moekit.checkpoint.upcycle:upcycle_cli",
     "compare": "moekit.train.compare:compare_cli",
+    "simulate-ep": "moekit.distributed.cli:simulate_ep_cli",
 }
 
 

@@ -152,3 +152,37 @@ def test_rank_major_to_expert_major_groups_rows_by_expert(P, El, data):
     reordered = [labels[i] for i in perm.tolist()]
     assert reordered == sorted(labels)  # expert-major, then rank, stable inside a segment
     assert perm.tolist() == sorted(range(len(labels)), key=lambda i: (labels[i][0], labels[i][1], i))
+
+
+def _bytes_worker(rank, world, path):
+    layout = make_layout(world)
+    layer = apply_expert_parallel(_layer("mixtral-topk-softmax"), layout)
+    x = torch.randn(world * T_RANK, D, generator=torch.Generator().manual_seed(3))[rank * T_RANK:(rank + 1) * T_RANK]
+    x.requires_grad_()
+    out, r = layer(x, return_ids=True)
+    out.sum().backward()
+    measured = torch.tensor([layer.dispatcher.last_bytes["dispatch"], layer.dispatcher.last_bytes["combine"]])
+    ids = [torch.empty_like(r.expert_ids) for _ in range(world)]
+    dist.all_gather(ids, r.expert_ids)
+    all_measured = [torch.empty_like(measured) for _ in range(world)]
+    dist.all_gather(all_measured, measured)
+    if rank == 0:
+        from moekit.distributed.trace import write_ids_trace
+
+        write_ids_trace(path / "ids.jsonl", [(0, 0, torch.cat(ids))], layer.cfg.num_experts, D)
+        torch.save(torch.stack(all_measured), path / "measured.pt")
+
+
+def test_simulator_bytes_equal_dispatcher_bytes(tmp_path):
+    from moekit.distributed.simulate import simulate
+    from moekit.distributed.trace import read_trace
+
+    run_local(_bytes_worker, 2, tmp_path)
+    measured = torch.load(tmp_path / "measured.pt")  # [rank, (dispatch, combine)]
+    assert (measured > 0).all()
+    rep = simulate(read_trace(str(tmp_path / "ids.jsonl")), [2], nodes=1, dispatch_dtype="fp32",
+                   combine_dtype="fp32")
+    lay = rep["results"][2]["contiguous"]["layers"][0]
+    assert lay["dispatch_bytes_inter"] == [0.0, 0.0]  # one node
+    assert lay["dispatch_bytes_intra"] == measured[:, 0].double().tolist()
+    assert lay["combine_bytes_intra"] == measured[:, 1].double().tolist()

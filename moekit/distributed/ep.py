@@ -199,7 +199,8 @@ class EPDispatcher:
             y_SD = y_SD.new_zeros(d.perm_N.numel(), D).index_copy(0, d.keep_N, y_SD)
         y_ND = permute_rows(y_SD, d.inv_N, d.perm_N)  # expert-major -> rank-major
         y_AD = all_to_all_autograd(y_ND, d.in_splits, d.out_splits, self.group)
-        self.last_bytes["combine"] = sum(n for r, n in enumerate(d.in_splits) if r != self.ep_rank) * \
+        # Sent back: the rows this rank received (out_splits), less its own.
+        self.last_bytes["combine"] = sum(n for r, n in enumerate(d.out_splits) if r != self.ep_rank) * \
             y_AD.element_size() * D
         d.bytes["combine"] = self.last_bytes["combine"]
         y32_AD = y_AD.float()
