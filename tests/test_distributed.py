@@ -186,3 +186,23 @@ def test_simulator_bytes_equal_dispatcher_bytes(tmp_path):
     assert lay["dispatch_bytes_inter"] == [0.0, 0.0]  # one node
     assert lay["dispatch_bytes_intra"] == measured[:, 0].double().tolist()
     assert lay["combine_bytes_intra"] == measured[:, 1].double().tolist()
+
+
+def _bf16_worker(rank, world):
+    layout = make_layout(world)
+    ref = _layer("qwen-softmax-topk-shared-gate")
+    ep = apply_expert_parallel(copy.deepcopy(ref), layout)
+    x_full = torch.randn(world * T_RANK, D, generator=torch.Generator().manual_seed(2))
+    sl = slice(rank * T_RANK, (rank + 1) * T_RANK)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = ref(x_full)[0][sl]
+        x = x_full[sl].clone().requires_grad_()
+        got = ep(x)[0]
+    got.float().sum().backward()
+    assert got.dtype == torch.bfloat16 and x.grad is not None
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_ep_bf16_autocast_rows_travel_bit_exact():
+    # bf16 rows cross gloo as bytes (gloo has no bf16 all-to-all).
+    run_local(_bf16_worker, 2)

@@ -26,6 +26,8 @@ the split sizes swapped (`_AllToAll`).
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -34,18 +36,29 @@ import torch.distributed as dist
 from moekit.config import MoEConfig, capacity
 from moekit.moe.dispatch import permute_rows
 
-_WIRE = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
-"""Dtypes sent bit-for-bit as int16: gloo's all-to-all has no bf16/fp16 kernels on every build."""
+_WIRE = (torch.bfloat16, torch.float16)
+"""Dtypes sent bit-for-bit as bytes: gloo's all-to-all has no bf16 (nor int16) kernels."""
+
+
+COMM = {"calls": 0, "seconds": 0.0, "bytes": 0}
+"""Every all-to-all of this process (forward, backward, count exchanges): wall seconds inside the
+collective (waiting for the slowest peer included) and bytes sent to other ranks. Benchmarks reset
+and read it (`benchmarks/ep_alltoall.py`)."""
 
 
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
     """Rows `in_splits[r]` of x go to rank r; returns the rows received (`out_splits[r]` from rank r)."""
     x = x.contiguous()
-    wire = _WIRE.get(x.dtype)
-    src = x.view(wire) if wire is not None else x
-    out = src.new_empty((sum(out_splits), *x.shape[1:]))
+    wire = x.dtype in _WIRE and x.dim() > 0
+    src = x.view(torch.uint8) if wire else x  # last dim doubles: same bytes, no conversion
+    out = src.new_empty((sum(out_splits), *src.shape[1:]))
+    t0 = time.perf_counter()
     dist.all_to_all_single(out, src, out_splits, in_splits, group=group)
-    return out.view(x.dtype) if wire is not None else out
+    COMM["seconds"] += time.perf_counter() - t0
+    COMM["calls"] += 1
+    row = math.prod(x.shape[1:]) * x.element_size()
+    COMM["bytes"] += (sum(in_splits) - in_splits[dist.get_rank(group)]) * row
+    return out.view(x.dtype) if wire else out
 
 
 class _AllToAll(torch.autograd.Function):
