@@ -49,6 +49,8 @@ def test_torchrun_ep2_matches_single_process_and_resumes_in_one(data, tmp_path):
     one, ep2 = _losses(tmp_path / "one"), _losses(tmp_path / "ep2")
     assert len(ep2) == 6
     torch.testing.assert_close(ep2, one, rtol=2e-6, atol=0)
+    recs = [json.loads(x) for x in (tmp_path / "ep2" / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["ep_balancedness"]) == 2 and all(0.5 <= b <= 1 for b in r["ep_balancedness"]) for r in recs)
     # Resume the EP run's step-3 checkpoint (gathered to the one-process layout) in one process.
     ck = tmp_path / "ep2" / "checkpoints"
     shutil.rmtree(ck / "step-0000006")

@@ -46,6 +46,8 @@ class TrainParallel:
         self.expert = [p for n, p in names.items() if is_expert_param(n)]
         self.dense = [p for n, p in names.items() if not is_expert_param(n)]
         self._expert_ids = {id(p) for p in self.expert}
+        self.balancedness: list[float] = []
+        """Per MoE layer, last step: mean/max tokens per EP rank (logged in metrics.jsonl)."""
 
     # ------------------------------------------------------------------ data
     def shard(self, *batch_BS: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -69,6 +71,9 @@ class TrainParallel:
             return loads
         flat = torch.stack(loads)
         dist.all_reduce(flat)
+        # SGLang balancedness per layer of this step at this EP degree (contiguous experts).
+        per_rank = flat.double().view(flat.shape[0], self.layout.ep, -1).sum(-1)
+        self.balancedness = [round(float(b), 5) for b in (per_rank.mean(-1) / per_rank.max(-1).values.clamp(min=1))]
         return list(flat.unbind(0))
 
     # ------------------------------------------------------------- gradients

@@ -260,6 +260,8 @@ def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume
         n = tc.grad_accum
         rec = {"step": step, "loss": loss_sum / n, "ce": ce_sum / n, "balance": bal_sum / n, "z": z_sum / n,
                "lr": lr, "grad_norm": gnorm, "tokens": tokens, "elapsed": round(elapsed, 3)}
+        if par is not None and par.balancedness:
+            rec["ep_balancedness"] = par.balancedness
         history.append(rec)
         if writer:
             with open(metrics_path, "a", encoding="utf-8") as f:
