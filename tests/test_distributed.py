@@ -206,3 +206,34 @@ def _bf16_worker(rank, world):
 def test_ep_bf16_autocast_rows_travel_bit_exact():
     # bf16 rows cross gloo as bytes (gloo has no bf16 all-to-all).
     run_local(_bf16_worker, 2)
+
+
+def _replica_worker(rank, world):
+    from moekit.distributed import eplb
+    from moekit.distributed.parallel import full_state_dict, rebalance_model
+
+    layout = make_layout(world)
+    for name in ("mixtral-topk-softmax", "deepseek-sigmoid-grouped-bias"):
+        ref = _layer(name).eval()
+        E = ref.cfg.num_experts
+        x_full = torch.randn(world * T_RANK, D, generator=torch.Generator().manual_seed(4))
+        sl = slice(rank * T_RANK, (rank + 1) * T_RANK)
+        with torch.no_grad():
+            want, r_ref = ref(x_full, return_ids=True)
+        # Skewed loads from the reference routing -> a placement with 4 redundant slots per rank.
+        load = torch.bincount(r_ref.expert_ids.reshape(-1), minlength=E).double().unsqueeze(0)
+        p = eplb.rebalance(load, E + 2 * world, 1, 1, world)
+        assert int(p.logcnt.max()) > 1  # replicas exist, so the replica path runs
+        ep = apply_expert_parallel(copy.deepcopy(ref), layout)
+        with torch.no_grad():
+            torch.testing.assert_close(ep(x_full[sl])[0], want[sl])
+            rebalance_model(ep, p)  # weights move to the new slots at run time
+            assert ep.experts.w13.shape[0] == (E + 2 * world) // world
+            torch.testing.assert_close(ep(x_full[sl])[0], want[sl], msg=lambda m: f"{name} replicas: {m}")
+        sd = full_state_dict(ep)
+        for k in ("experts.w13", "experts.w2"):
+            assert torch.equal(sd[k], ref.state_dict()[k]), k
+
+
+def test_eplb_replicas_and_runtime_rebalance_keep_outputs():
+    run_local(_replica_worker, 4)

@@ -123,18 +123,32 @@ def rank_major_to_expert_major(counts_PE: torch.Tensor) -> torch.Tensor:
 
 
 class EPDispatcher:
-    """All-to-all dispatch over an expert-parallel process group; experts sharded contiguously
-    (rank r owns global experts [r*El, (r+1)*El)). Drop-in for `moekit.moe.dispatch.Dispatcher`."""
+    """All-to-all dispatch over an expert-parallel process group. Drop-in for
+    `moekit.moe.dispatch.Dispatcher`.
+
+    Without a placement, experts are sharded contiguously (rank r owns global experts
+    [r*El, (r+1)*El)). With an EPLB placement for this layer (`phy2log` [R] slots, `log2phy` [E, M],
+    `logcnt` [E]), rank r owns slots [r*R/P, (r+1)*R/P) and assignment a = t*K + k of logical
+    expert e goes to replica a mod logcnt[e] (vLLM's deterministic choice); the rest of the
+    pipeline is the same with slots in place of experts."""
 
     local = False
 
-    def __init__(self, cfg: MoEConfig, group, ep_rank: int, ep_size: int):
-        if cfg.num_experts % ep_size:
-            raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the EP degree {ep_size}")
+    def __init__(self, cfg: MoEConfig, group, ep_rank: int, ep_size: int, placement: dict | None = None):
         self.cfg, self.group = cfg, group
         self.ep_rank, self.ep_size = ep_rank, ep_size
-        self.num_experts = cfg.num_experts
-        self.local_experts = cfg.num_experts // ep_size
+        self.log2phy = self.logcnt = None
+        slots = cfg.num_experts
+        if placement is not None:
+            if cfg.capacity_factor is not None:
+                raise ValueError("replicated experts (EPLB placement) need dropless routing: capacity is per "
+                                 "logical expert and would be split between replicas")
+            self.log2phy, self.logcnt = placement["log2phy"], placement["logcnt"]
+            slots = int(placement["phy2log"].numel())
+        if slots % ep_size:
+            raise ValueError(f"{slots} expert slots are not divisible by the EP degree {ep_size}")
+        self.num_experts = slots
+        self.local_experts = slots // ep_size
         self.last_bytes: dict[str, int] = {}
         """Bytes this rank sent to *other* ranks in the last dispatch/combine (for the simulator)."""
 
@@ -145,6 +159,9 @@ class EPDispatcher:
         T, K = topk_ids_TK.shape
         P, El, E = self.ep_size, self.local_experts, self.num_experts
         flat_ids_A = topk_ids_TK.reshape(-1)
+        if self.log2phy is not None:  # logical expert -> the physical slot of its chosen replica
+            rep_A = torch.arange(flat_ids_A.numel()) % self.logcnt[flat_ids_A]
+            flat_ids_A = self.log2phy[flat_ids_A, rep_A]
         # 1. sort by expert (stable: position order inside each expert).
         order_A = torch.argsort(flat_ids_A, stable=True)
         inv_A = torch.empty_like(order_A)

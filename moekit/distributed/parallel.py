@@ -91,28 +91,67 @@ def make_layout(ep: int, device_type: str | None = None) -> Layout:
     return Layout(mesh, ep, world // ep, mesh.get_local_rank("ep"), mesh.get_local_rank("dp"))
 
 
-def apply_expert_parallel(model: nn.Module, layout: Layout) -> nn.Module:
+def apply_expert_parallel(model: nn.Module, layout: Layout, placement=None) -> nn.Module:
     """Keep only this rank's slice of every MoE layer's experts and install the all-to-all
     dispatcher. The model (a Transformer, or any module holding MoE layers) must hold the full
-    expert weights, the same on every rank."""
+    expert weights, the same on every rank.
+
+    placement: an `eplb.Placement` over the MoE layers (in order) for redundant replicas of hot
+    experts: this rank then holds the weights of its physical slots (inference and analysis; the
+    training step does not yet sum replica gradients)."""
     from moekit.moe.layer import MoELayer
 
     P, r = layout.ep, layout.ep_rank
-    for layer in [m for m in model.modules() if isinstance(m, MoELayer)]:
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    for i, layer in enumerate(layers):
         ex = layer.experts
         E = layer.cfg.num_experts
-        if E % P:
-            raise DistributedError(f"num_experts={E} is not divisible by --ep {P}; choose an EP degree "
-                                   f"that divides {E}")
-        El = E // P
+        if placement is None:
+            if E % P:
+                raise DistributedError(f"num_experts={E} is not divisible by --ep {P}; choose an EP degree "
+                                       f"that divides {E}")
+            mine = torch.arange(r * (E // P), (r + 1) * (E // P))
+            pl = None
+        else:
+            R = placement.phy2log.shape[1]
+            if R % P or placement.phy2log.shape[0] != len(layers):
+                raise DistributedError(f"placement has {placement.phy2log.shape[0]} layers x {R} slots; need "
+                                       f"{len(layers)} layers and slots divisible by --ep {P}")
+            mine = placement.phy2log[i, r * (R // P):(r + 1) * (R // P)]
+            pl = {"phy2log": placement.phy2log[i], "log2phy": placement.log2phy[i], "logcnt": placement.logcnt[i]}
         with torch.no_grad():
-            ex.w13 = nn.Parameter(ex.w13.detach()[r * El:(r + 1) * El].clone())
-            ex.w2 = nn.Parameter(ex.w2.detach()[r * El:(r + 1) * El].clone())
-        ex.num_experts = El
+            ex.w13 = nn.Parameter(ex.w13.detach()[mine].clone())
+            ex.w2 = nn.Parameter(ex.w2.detach()[mine].clone())
+        ex.num_experts = mine.numel()
         ex.unpack()
-        layer.dispatcher = EPDispatcher(layer.cfg, layout.ep_group, r, P)
+        layer.dispatcher = EPDispatcher(layer.cfg, layout.ep_group, r, P, pl)
     model.ep_layout = layout
     return model
+
+
+def logical_experts(layer, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full [E, ...] w13 and w2 of an EP layer (collective), from the first replica of each."""
+    w13, w2 = gather_experts(layer.experts.w13.detach(), layout), gather_experts(layer.experts.w2.detach(), layout)
+    d = layer.dispatcher
+    if getattr(d, "log2phy", None) is None:
+        return w13, w2
+    first = d.log2phy[:, 0]
+    return w13[first], w2[first]
+
+
+def rebalance_model(model: nn.Module, placement) -> nn.Module:
+    """Move expert weights to a new placement at run time (collective): every rank rebuilds the
+    logical experts from the current slots (all_gather over the EP group), then keeps its new
+    slots. Simple rather than minimal: a production version sends only the slots that move."""
+    from moekit.moe.layer import MoELayer
+
+    layout = model.ep_layout
+    for layer in [m for m in model.modules() if isinstance(m, MoELayer)]:
+        w13, w2 = logical_experts(layer, layout)
+        with torch.no_grad():
+            layer.experts.w13 = nn.Parameter(w13)
+            layer.experts.w2 = nn.Parameter(w2)
+    return apply_expert_parallel(model, layout, placement)
 
 
 def gather_experts(t_local: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -128,14 +167,24 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
     if layout is None:
         return sd
-    return {k: (gather_experts(v, layout) if is_expert_param(k) else v) for k, v in sd.items()}
+    mods, full = dict(model.named_modules()), {}
+    out = {}
+    for k, v in sd.items():
+        if not is_expert_param("." + k):
+            out[k] = v
+            continue
+        prefix, name = k.rsplit("experts.", 1)
+        if prefix not in full:  # both stacks of a layer in one go (logical experts, replicas folded)
+            full[prefix] = dict(zip(("w13", "w2"), logical_experts(mods[prefix.rstrip(".")], layout)))
+        out[k] = full[prefix][name]
+    return out
 
 
 def shard_state_dict(sd: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
     """This rank's view of a full state dict (the inverse of `full_state_dict`)."""
     out = {}
     for k, v in sd.items():
-        if is_expert_param(k):
+        if is_expert_param("." + k):
             El = v.shape[0] // layout.ep
             v = v[layout.ep_rank * El:(layout.ep_rank + 1) * El]
         out[k] = v
