@@ -83,3 +83,17 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         simulate(tr, [2], hidden=8, network="tpu")
     rc = cli_main(["simulate-ep", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
     assert rc == 2
+
+
+def test_megatron_router_trace_per_rank_files(tmp_path):
+    # Megatron-LM router_trace.py: one JSONL per rank, records keyed by step/block/layer/rank.
+    for rank, idx in ((0, [[0, 1], [2, 3]]), (1, [[3, 2], [1, 0]])):
+        rec = {"step": 0, "stage": "pre_dispatch", "block": "decoder", "layer": 3, "rank": rank,
+               "num_tokens": 2, "topk": 2, "top_indices": idx}
+        (tmp_path / f"router_trace_rank{rank}.jsonl").write_text(json.dumps(rec) + "\n")
+    tr = read_trace(str(tmp_path), num_experts=4)
+    assert tr.num_experts == 4 and tr.top_k == 2 and len(tr.layers) == 1
+    assert tr.layers[0].ids[0].tolist() == [[0, 1], [2, 3], [3, 2], [1, 0]]  # rank 0's tokens first
+    rep = simulate(tr, [2], hidden=8, nodes=1, dispatch_dtype="fp32")
+    lay = rep["results"][2]["contiguous"]["layers"][0]
+    assert lay["dispatch_bytes_intra"] == [2 * 8 * 4, 2 * 8 * 4]

@@ -56,11 +56,13 @@ def simulate_ep_cli(trace: str, ep: list[int] | None = None, nodes: int | None =
                     groups: int = 1, hardware: Literal["h800", "h100-80gb", "h200-141gb", "a100-80gb", "mi300x"] = "h800",
                     hidden: int | None = None, dispatch_dtype: Literal["bf16", "fp8", "fp32", "fp16"] = "bf16",
                     combine_dtype: Literal["bf16", "fp32", "fp16"] = "bf16", tokens_per_rank: int | None = None,
-                    node_limit: int | None = None, out: str = "runs/simulate-ep", plots: bool = True) -> int:
+                    node_limit: int | None = None, num_experts: int | None = None, out: str = "runs/simulate-ep",
+                    plots: bool = True) -> int:
     """Replay a routing trace at EP degrees this machine cannot run: bytes, load, balancedness, time.
 
     TRACE is a run's telemetry.jsonl (or its run directory), an ids JSONL
-    (`moekit.distributed.trace.record_ids`), or `synthetic:E=256,k=8,tokens=4096,zipf=1.0`. Per EP
+    (`moekit.distributed.trace.record_ids`), Megatron's router trace (a router_trace_rank0.jsonl or the
+    directory of one file per rank), or `synthetic:E=256,k=8,tokens=4096,zipf=1.0`. Per EP
     degree and layer: dispatch/combine bytes per rank intra- vs inter-node, max/mean rank load,
     straggler ratio, SGLang balancedness before (contiguous experts) and after EPLB, nodes per
     token against --node-limit, and an all-to-all time estimate from the --hardware link model.
@@ -78,13 +80,14 @@ def simulate_ep_cli(trace: str, ep: list[int] | None = None, nodes: int | None =
         combine_dtype: wire dtype of combined rows.
         tokens_per_rank: resample each step to this many tokens per rank (replay a small trace at a large EP).
         node_limit: DeepSeek-V3 node-limited routing M (report tokens reaching more than M nodes).
+        num_experts: experts per layer (Megatron traces do not record it; default: largest id + 1).
         out: output directory.
         plots: write the PNG plots.
     """
     from moekit.distributed.simulate import simulate
     from moekit.distributed.trace import read_trace
 
-    tr = read_trace(trace)
+    tr = read_trace(trace, num_experts)
     rep = simulate(tr, ep or [8, 16, 64, 256], hidden=hidden, network=hardware, nodes=nodes, redundant=redundant,
                    groups=groups, dispatch_dtype=dispatch_dtype, combine_dtype=combine_dtype,
                    tokens_per_rank=tokens_per_rank, node_limit=node_limit)

@@ -12,6 +12,7 @@ with tokens in global order (the simulator puts token t of T on rank t * G // T)
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,44 +77,59 @@ def _parse_synthetic(spec: str) -> Trace:
     return Trace(E, K, layers, source=spec)
 
 
-def read_trace(path: str) -> Trace:
-    """Read a trace file (telemetry or ids JSONL) or build a `synthetic:...` one."""
+def read_trace(path: str, num_experts: int | None = None) -> Trace:
+    """Read a trace (moekit telemetry, moekit ids JSONL, Megatron router-trace JSONL: one file or a
+    directory of `router_trace_rank*.jsonl`) or build a `synthetic:...` one. Megatron records hold
+    no expert count: pass `num_experts` (else the largest id seen + 1)."""
     if path.startswith("synthetic:"):
         return _parse_synthetic(path)
     p = Path(path)
-    if p.is_dir() and (p / "telemetry.jsonl").is_file():
-        p = p / "telemetry.jsonl"
-    if not p.is_file():
-        raise TraceError(f"no trace at {path}; give a run's telemetry.jsonl, an ids JSONL or synthetic:E=..,k=..")
+    files = [p]
+    if p.is_dir():
+        megatron = sorted(p.glob("router_trace_rank*.jsonl"), key=lambda f: int(re.findall(r"\d+", f.name)[-1]))
+        files = megatron or [p / "telemetry.jsonl"]
+    if not all(f.is_file() for f in files):
+        raise TraceError(f"no trace at {path}; give a run's telemetry.jsonl, an ids JSONL, Megatron "
+                         "router_trace_rank*.jsonl, or synthetic:E=..,k=..")
     header: dict = {}
-    layers: dict[int, LayerTrace] = {}
-    E = K = None
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line from a killed run
-        if rec.get("format") == IDS_FORMAT:
-            header = rec
-            E, K = rec.get("num_experts"), rec.get("top_k")
-        elif "ids" in rec:
-            ids = torch.tensor(rec["ids"], dtype=torch.int64)
-            if ids.dim() != 2:
-                raise TraceError(f"{p}:{n}: `ids` must be a [tokens, top_k] list of lists")
-            layers.setdefault(int(rec.get("layer", 0)), LayerTrace()).ids.append(ids)
-            K = K or ids.shape[1]
-        elif "layers" in rec and rec.get("kind", "train") == "train":  # moekit telemetry record
-            for lay in rec["layers"]:
-                c = torch.tensor(lay["counts"], dtype=torch.float64)
-                layers.setdefault(int(lay["layer"]), LayerTrace()).counts.append(c)
-                E = E or c.numel()
+    counts: dict[int, list[torch.Tensor]] = {}
+    ids_by: dict[tuple, dict[int, list[tuple[int, torch.Tensor]]]] = {}
+    E, K = num_experts, None
+    for f in files:
+        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a killed run
+            key = "ids" if "ids" in rec else "top_indices" if "top_indices" in rec else None
+            if rec.get("format") == IDS_FORMAT:
+                header = rec
+                E, K = E or rec.get("num_experts"), rec.get("top_k")
+            elif key is not None:
+                ids = torch.tensor(rec[key], dtype=torch.int64)
+                if ids.dim() != 2:
+                    raise TraceError(f"{f}:{n}: `{key}` must be a [tokens, top_k] list of lists")
+                # Megatron: one file per rank; a layer is (block, mtp_idx, layer); ranks concatenate in order.
+                lkey = (rec.get("block", "decoder") != "decoder", rec.get("mtp_idx", -1), int(rec.get("layer", 0)))
+                ids_by.setdefault(lkey, {}).setdefault(int(rec.get("step", 0)), []).append((int(rec.get("rank", 0)), ids))
+                K = K or ids.shape[1]
+            elif "layers" in rec and rec.get("kind", "train") == "train":  # moekit telemetry record
+                for lay in rec["layers"]:
+                    c = torch.tensor(lay["counts"], dtype=torch.float64)
+                    counts.setdefault(int(lay["layer"]), []).append(c)
+                    E = E or c.numel()
+    layers = [LayerTrace(counts=counts[k]) for k in sorted(counts)]
+    for lkey in sorted(ids_by):
+        steps = ids_by[lkey]
+        layers.append(LayerTrace(ids=[torch.cat([t for _, t in sorted(steps[s], key=lambda rt: rt[0])])
+                                      for s in sorted(steps)]))
     if not layers:
-        raise TraceError(f"{p}: no routing records (expected moekit telemetry or `ids` lines)")
+        raise TraceError(f"{p}: no routing records (expected moekit telemetry, `ids` or Megatron `top_indices` lines)")
     if E is None:
-        E = int(max(int(i.max()) for lt in layers.values() for i in lt.ids)) + 1
-    return Trace(int(E), K, [layers[k] for k in sorted(layers)], header.get("hidden"), str(p))
+        E = int(max(int(i.max()) for lt in layers for i in lt.ids)) + 1
+    return Trace(int(E), K, layers, header.get("hidden"), str(p))
 
 
 def write_ids_trace(path: str | Path, records: list[tuple[int, int, torch.Tensor]], num_experts: int,
