@@ -1,5 +1,7 @@
-"""`torchrun --nproc-per-node 2 -m moekit train ... --ep 2` replays the one-process loss curve; its
-gathered checkpoint (experts and their AdamW moments) resumes in one process, bit-compatible."""
+"""`torchrun --nproc-per-node 2 -m moekit train ... --ep 2 --eplb-interval 2 --eplb-redundant 2`
+replays the one-process loss curve while EPLB moves experts (weights and AdamW moments) into
+replicated placements at steps 2 and 4; its gathered checkpoint (replicas folded back to logical
+experts) resumes in one process with the same losses."""
 
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def test_torchrun_ep2_matches_single_process_and_resumes_in_one(data, tmp_path):
     assert cli_main(_args(data, tmp_path / "one")) == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "moekit", *_args(data, tmp_path / "ep2", "--ep", "2")]
+           "-m", "moekit", *_args(data, tmp_path / "ep2", "--ep", "2", "--eplb-interval", "2", "--eplb-redundant", "2")]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
     one, ep2 = _losses(tmp_path / "one"), _losses(tmp_path / "ep2")

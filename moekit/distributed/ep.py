@@ -144,6 +144,7 @@ class EPDispatcher:
                 raise ValueError("replicated experts (EPLB placement) need dropless routing: capacity is per "
                                  "logical expert and would be split between replicas")
             self.log2phy, self.logcnt = placement["log2phy"], placement["logcnt"]
+            self.phy2log = placement["phy2log"]
             slots = int(placement["phy2log"].numel())
         if slots % ep_size:
             raise ValueError(f"{slots} expert slots are not divisible by the EP degree {ep_size}")

@@ -38,16 +38,19 @@ class _OptView:
 class TrainParallel:
     """The trainer's hooks for a (dp, ep) run; every method is collective unless noted."""
 
-    def __init__(self, layout: Layout, model):
-        self.layout = layout
+    def __init__(self, layout: Layout, model, eplb_schedule=None):
+        self.layout, self.model, self.eplb = layout, model, eplb_schedule
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.writer = self.rank == 0
-        names = dict(model.named_parameters())
-        self.expert = [p for n, p in names.items() if is_expert_param(n)]
-        self.dense = [p for n, p in names.items() if not is_expert_param(n)]
-        self._expert_ids = {id(p) for p in self.expert}
+        self._index_params()
         self.balancedness: list[float] = []
         """Per MoE layer, last step: mean/max tokens per EP rank (logged in metrics.jsonl)."""
+
+    def _index_params(self) -> None:
+        names = dict(self.model.named_parameters())
+        self.expert = [p for n, p in names.items() if is_expert_param("." + n)]
+        self.dense = [p for n, p in names.items() if not is_expert_param("." + n)]
+        self._expert_ids = {id(p) for p in self.expert}
 
     # ------------------------------------------------------------------ data
     def shard(self, *batch_BS: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -71,9 +74,19 @@ class TrainParallel:
             return loads
         flat = torch.stack(loads)
         dist.all_reduce(flat)
-        # SGLang balancedness per layer of this step at this EP degree (contiguous experts).
-        per_rank = flat.double().view(flat.shape[0], self.layout.ep, -1).sum(-1)
-        self.balancedness = [round(float(b), 5) for b in (per_rank.mean(-1) / per_rank.max(-1).values.clamp(min=1))]
+        # SGLang balancedness per layer of this step at this EP degree and the current placement
+        # (replicas assumed to split their expert's tokens evenly).
+        from moekit.distributed.rebalance import moe_layers
+
+        bal = []
+        for load_E, layer in zip(flat.double(), moe_layers(self.model)):
+            d = layer.dispatcher
+            if getattr(d, "log2phy", None) is None:
+                per_rank = load_E.view(self.layout.ep, -1).sum(-1)
+            else:
+                per_rank = (load_E / d.logcnt.double())[d.phy2log].view(self.layout.ep, -1).sum(-1)
+            bal.append(round(float(per_rank.mean() / per_rank.max().clamp(min=1)), 5))
+        self.balancedness = bal
         return list(flat.unbind(0))
 
     # ------------------------------------------------------------- gradients
@@ -92,6 +105,9 @@ class TrainParallel:
                 p.grad.copy_(g)
 
     def sync_grads(self) -> None:
+        from moekit.distributed.rebalance import fold_replica_grads
+
+        fold_replica_grads(self.model, self.layout)  # replicas of one expert: the sum of their gradients
         self._all_reduce(self.dense, dist.group.WORLD)
         self._all_reduce(self.expert, self.layout.dp_group if self.layout.dp > 1 else None)
 
@@ -101,7 +117,9 @@ class TrainParallel:
         def sq(ps):
             return sum((p.grad.double().pow(2).sum() for p in ps if p.grad is not None), torch.zeros((), dtype=torch.float64))
 
-        ex = sq(self.expert)
+        from moekit.distributed.rebalance import expert_sq_norm
+
+        ex = expert_sq_norm(self.model, self.layout)  # each logical expert once, replicas or not
         dist.all_reduce(ex, group=self.layout.ep_group)
         total = float((sq(self.dense) + ex).sqrt())
         coef = min(1.0, max_norm / (total + 1e-6))
@@ -113,13 +131,24 @@ class TrainParallel:
 
     # ------------------------------------------------------------ checkpoints
     def _full_optimizer(self, opt) -> dict[str, Any]:
+        from moekit.distributed.rebalance import moe_layers
+
         sd = opt.state_dict()
         params = [p for g in opt.param_groups for p in g["params"]]
+        first = {}  # expert param -> first replica slot of each logical expert (EPLB placements)
+        for layer in moe_layers(self.model):
+            d = layer.dispatcher
+            for p in (layer.experts.w13, layer.experts.w2):
+                first[id(p)] = None if getattr(d, "log2phy", None) is None else d.log2phy[:, 0]
         state = {}
         for idx, st in sd["state"].items():
-            ex = id(params[idx]) in self._expert_ids
-            state[idx] = {k: (gather_experts(v, self.layout) if ex and torch.is_tensor(v) and v.dim() > 0 else v)
-                          for k, v in st.items()}
+            pid = id(params[idx])
+            state[idx] = {}
+            for k, v in st.items():
+                if pid in self._expert_ids and torch.is_tensor(v) and v.dim() > 0:
+                    v = gather_experts(v, self.layout)
+                    v = v if first[pid] is None else v[first[pid]]
+                state[idx][k] = v
         return {"state": state, "param_groups": sd["param_groups"]}
 
     def save_checkpoint(self, out: Path, step: int, model, opt, state: dict[str, Any], tokenizer_path) -> Path:
@@ -155,6 +184,20 @@ class TrainParallel:
             torch.set_rng_state(f.get_tensor("torch_cpu"))
         return state
 
+    def after_step(self, step: int, loads: list[torch.Tensor], opt) -> None:
+        """EPLB at run time: record this step's global loads; every `interval` steps move the
+        experts (weights and AdamW moments) to a placement computed from the window."""
+        if self.eplb is None or not loads:
+            return
+        from moekit.distributed.rebalance import move_to_placement
+
+        self.eplb.observe(loads)
+        if self.eplb.due(step):
+            E = loads[0].numel()
+            move_to_placement(self.model, self.layout, self.eplb.placement(E, self.layout.ep), opt)
+            self.eplb.placements += 1
+            self._index_params()
+
     def close(self) -> None:
         dist.barrier()
         dist.destroy_process_group()
@@ -172,9 +215,12 @@ def rank0_first(fn):
     return out
 
 
-def setup(model, ep: int) -> tuple[Any, TrainParallel | None]:
+def setup(model, ep: int, eplb_interval: int = 0, eplb_window: int = 0,
+          eplb_redundant: int = 0) -> tuple[Any, TrainParallel | None]:
     """Join torchrun's process group and shard `model`'s experts over `ep` ranks; (model, None)
-    for a plain single-process run."""
+    for a plain single-process run. eplb_interval > 0: rebalance the experts every that many
+    steps from the loads of the last `eplb_window` steps (0 = all since the start), with
+    `eplb_redundant` extra replica slots."""
     rank, world = init_from_env()
     if world == 1:
         if ep != 1:
@@ -185,4 +231,7 @@ def setup(model, ep: int) -> tuple[Any, TrainParallel | None]:
         return model, None
     layout = make_layout(ep)
     model = apply_expert_parallel(model, layout)
-    return model, TrainParallel(layout, model)
+    from moekit.distributed.rebalance import EPLBSchedule
+
+    sched = EPLBSchedule(eplb_interval, eplb_window, eplb_redundant) if eplb_interval > 0 else None
+    return model, TrainParallel(layout, model, sched)

@@ -250,6 +250,8 @@ def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume
         if moe_layers:
             model.update_router_biases(loads)
         step += 1
+        if par is not None:  # EPLB at run time (no-op unless --eplb-interval)
+            par.after_step(step, loads, opt)
         tokens += tc.tokens_per_step
         elapsed += time.perf_counter() - t0
         if total is None and deadline is not None and step == calib_at:
@@ -311,7 +313,8 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
               ckpt_every: int = 200, seed: int = 0, precision: Literal["fp32", "bf16"] = "bf16",
               threads: int | None = None, aux_loss_coef: float | None = None,
               balance: Literal["config", "none", "aux", "bias"] = "config", top_k: int | None = None,
-              progress: bool = True, ep: int = 1) -> int:
+              progress: bool = True, ep: int = 1, eplb_interval: int = 0, eplb_window: int = 0,
+              eplb_redundant: int = 0) -> int:
     """Train a model on prepared text, with bits-per-byte evals, routing telemetry and exact --resume.
 
     The model comes from --preset, --config (moekit or HF config.json) or --init-from (a moekit model
@@ -349,6 +352,9 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
         progress: show a progress bar.
         ep: expert-parallel degree under torchrun (`torchrun --nproc-per-node N -m moekit train ... --ep E`; E
             divides N, the other N/E-way is data-parallel). Checkpoints are gathered to the one-process layout.
+        eplb_interval: with --ep, rebalance experts (EPLB) every this many steps, moving weights and AdamW moments.
+        eplb_window: steps of expert loads EPLB looks at (0 = all so far).
+        eplb_redundant: extra replica slots for the hottest experts (rounded up to a multiple of --ep).
     """
     from moekit.config import ConfigError
 
@@ -366,7 +372,7 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
                      weight_decay=weight_decay, grad_clip=grad_clip, max_steps=max_steps, max_tokens=max_tokens,
                      max_minutes=max_minutes, eval_every=eval_every, ckpt_every=ckpt_every, seed=seed,
                      precision=precision, threads=threads)
-    model, par = setup(model, ep)
+    model, par = setup(model, ep, eplb_interval, eplb_window, eplb_redundant)
     try:
         res = train(model, data, out, tc, resume=resume, progress=progress, parallel=par)
     except ConfigError as e:
