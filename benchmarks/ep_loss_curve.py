@@ -2,7 +2,7 @@
 
     python benchmarks/ep_loss_curve.py --steps 50 --out docs/figures/ep_loss_curve.png
 
-Trains tiny-moe (fp32, aux loss off: the Switch loss is per rank, not the global-batch loss) on a
+Trains --preset (default tiny-moe; fp32, aux loss off: the Switch loss is per rank, not the global-batch loss) on a
 small generated English-like corpus (tests/train_helpers.py) with the same seed and batch, and
 plots the three curves plus their largest relative difference.
 """
@@ -26,6 +26,7 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--work", default="/tmp/moekit-ep-loss")
     ap.add_argument("--out", default="docs/figures/ep_loss_curve.png")
+    ap.add_argument("--preset", default="tiny-moe")
     a = ap.parse_args()
     from train_helpers import tiny_data
 
@@ -33,7 +34,7 @@ def main():
 
     work = Path(a.work)
     data = tiny_data(work)
-    common = ["train", "--preset", "tiny-moe", "--data-dir", str(data.root), "--corpus", "x", "--max-steps",
+    common = ["train", "--preset", a.preset, "--data-dir", str(data.root), "--corpus", "x", "--max-steps",
               str(a.steps), "--batch-size", "8", "--seq-len", "32", "--threads", "1", "--precision", "fp32",
               "--eval-every", "0", "--ckpt-every", "0", "--no-progress", "--lr", "3e-3", "--warmup-steps", "5",
               "--balance", "none"]
@@ -63,7 +64,7 @@ def main():
         ax.plot(range(1, len(v) + 1), v, ls, label=f"{k} (max rel. diff {diffs[k]:.1e})")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.set_title("tiny-moe: one process vs expert parallel (gloo, CPU)")
+    ax.set_title(f"{a.preset}: one process vs expert parallel (gloo, CPU)")
     ax.legend()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(a.out, dpi=110, bbox_inches="tight")

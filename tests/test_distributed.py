@@ -34,6 +34,8 @@ VARIANTS = {
     "capacity-score": ("tiny-moe", dict(capacity_factor=1.0, drop_policy="score")),
     "capacity-position": ("tiny-qwen-moe", dict(capacity_factor=0.75, drop_policy="position")),
     "capacity-deepseek": ("tiny-deepseek", dict(capacity_factor=1.25)),
+    # Every token to experts 0 and 1: the other ranks' experts get no rows at all (collapse).
+    "collapsed-onto-rank-0": ("tiny-moe", dict(router_bias=True)),
 }
 
 
@@ -47,13 +49,15 @@ def _layer(name: str) -> MoELayer:
             layer.router.score_bias.normal_(0, 0.02)
         if layer.router.bias is not None:
             layer.router.bias.normal_(0, 0.1)
+            if name.startswith("collapsed"):
+                layer.router.bias[:2] += 100.0
     return layer
 
 
 def _sum_grads(mod, world):
     out = {}
     for n, p in mod.named_parameters():
-        g = p.grad.clone()
+        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)  # experts with no rows
         if not n.startswith("experts."):  # replicated params: sum the ranks' contributions
             dist.all_reduce(g)
         out[n] = g

@@ -226,6 +226,10 @@ class EPDispatcher:
     # ------------------------------------------------------------------- combine
     def combine(self, y_SD: torch.Tensor, d: EPDispatched) -> torch.Tensor:
         T, K, D = d.num_tokens, d.top_k, y_SD.shape[-1]
+        if d.x_SD.requires_grad and not y_SD.requires_grad:
+            # No rows reached this rank's experts (the experts return a fresh empty tensor): keep the
+            # graph connected, or this rank would skip the backward all-to-alls its peers run (hang).
+            y_SD = y_SD + d.x_SD.sum().to(y_SD.dtype) * 0
         if d.keep_N is not None:  # dropped rows go back as zeros
             y_SD = y_SD.new_zeros(d.perm_N.numel(), D).index_copy(0, d.keep_N, y_SD)
         y_ND = permute_rows(y_SD, d.inv_N, d.perm_N)  # expert-major -> rank-major
