@@ -59,3 +59,9 @@ def test_torchrun_ep2_matches_single_process_and_resumes_in_one(data, tmp_path):
     (ck / "LATEST").write_text("step-0000003")
     assert cli_main(_args(data, tmp_path / "ep2", "--resume")) == 0
     torch.testing.assert_close(_losses(tmp_path / "ep2"), one, rtol=2e-6, atol=0)
+
+
+def test_ep_without_torchrun_is_a_clear_error(data, tmp_path, capsys):
+    rc = cli_main(_args(data, tmp_path / "x", "--ep", "2"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "torchrun --nproc-per-node 2" in err and "Traceback" not in err
