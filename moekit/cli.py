@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "upcycle": "moekit.checkpoint.upcycle:upcycle_cli",
     "compare": "moekit.train.compare:compare_cli",
     "doctor": "moekit.doctor:doctor_cli",
+    "simulate-ep": "moekit.distributed.cli:simulate_ep_cli",
 }
 
 

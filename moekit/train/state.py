@@ -1,6 +1,7 @@
 """Training checkpoints: model + optimizer + schedule + RNG + data position, never pickled.
 
 Layout of one checkpoint, `<out>/checkpoints/step-XXXXXXX/`:
+    manifest.json                    size + sha256 of every file, written last (moekit.checkpoint.manifest)
     config.json, model.safetensors   the model (a normal moekit model directory: loadable anywhere)
     optimizer.safetensors            AdamW moments and step counts, keyed "<param index>.<name>"
     rng.safetensors                  torch CPU generator state
@@ -22,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moekit.checkpoint.manifest import remove_manifest, write_manifest
 from moekit.checkpoint.native import CheckpointError, atomic_write, atomic_write_text, save_model
 
 LATEST = "LATEST"
@@ -69,6 +71,7 @@ def save_checkpoint(out: Path, step: int, model, opt, state: dict[str, Any], tok
     root = _ckpt_root(out)
     name = f"step-{step:07d}"
     ck = root / name
+    remove_manifest(ck)  # a re-save of this step (after a fallback) is incomplete until its manifest
     save_model(model, ck)
     tensors, groups = optimizer_tensors(opt)
     atomic_write(ck / "optimizer.safetensors", lambda tmp: save_file(tensors, tmp))
@@ -77,6 +80,7 @@ def save_checkpoint(out: Path, step: int, model, opt, state: dict[str, Any], tok
     if tokenizer_path is not None and Path(tokenizer_path).is_file():
         atomic_write(ck / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer_path, tmp))
     atomic_write_text(ck / "trainer_state.json", json.dumps({**state, "param_groups": groups}, indent=1))
+    write_manifest(ck)  # last: its presence (and match) is what makes the checkpoint complete
     atomic_write_text(root / LATEST, name)
     olds = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
     for p in olds[: max(0, len(olds) - (keep - 1))]:

@@ -108,11 +108,16 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def _prepare_out(out: Path, resume: bool) -> Path | None:
-    ck = latest_checkpoint(out)
+    from moekit.checkpoint.manifest import describe_damage, resolve_resume
+
     if resume:
+        ck = resolve_resume(out)  # newest checkpoint that verifies; warns naming any damaged one
         if ck is None:
-            raise TrainError(f"--resume: no checkpoint in {out}/checkpoints; train without --resume first")
+            bad = describe_damage(out)
+            raise TrainError(f"--resume: no checkpoint in {out}/checkpoints"
+                             + (f" that verifies (damaged: {bad})" if bad else "") + "; train without --resume first")
         return ck
+    ck = latest_checkpoint(out)
     if ck is not None:
         raise TrainError(f"{out} already holds a run (checkpoint {ck.name}); pass --resume to continue it "
                          "or choose another --out")
@@ -134,10 +139,12 @@ def _truncate_jsonl(path: Path, step: int) -> None:
 
 
 def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume: bool = False,
-          progress: bool = True, on_step=None) -> TrainResult:
+          progress: bool = True, on_step=None, parallel=None) -> TrainResult:
     """Train `model` (a `Transformer`) on prepared `data`; write checkpoints, metrics and telemetry to `out`.
 
-    `on_step(step, record)` is called after every optimizer step (tests use it to interrupt runs)."""
+    `on_step(step, record)` is called after every optimizer step (tests use it to interrupt runs).
+    `parallel`: a `moekit.distributed.train.TrainParallel` under torchrun (data sharding, gradient
+    sync, rank-0 outputs, gathered checkpoints); None for one process."""
     # Plan:
     # 1. validate, seed, build optimizer + sampler; restore everything from the latest checkpoint on resume;
     # 2. loop: lr, micro-batches (forward, backward, telemetry, loads), clip, step, bias update;
@@ -156,6 +163,9 @@ def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume
     if tc.seq_len > model.config.max_seq_len:
         raise TrainError(f"seq_len {tc.seq_len} > model max_seq_len {model.config.max_seq_len}; lower --seq-len")
     ck = _prepare_out(out, resume)
+    par = parallel
+    writer = par is None or par.writer  # only rank 0 writes files
+    save_ck = save_checkpoint if par is None else par.save_checkpoint
     torch.manual_seed(tc.seed)
     model.train()
     # fused=True: one kernel per parameter instead of ~10 elementwise passes (measurable on CPU).
@@ -163,32 +173,34 @@ def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume
                             fused=model.device.type in ("cpu", "cuda"))
     sampler = data.dataset("train").sampler(tc.batch_size, tc.seq_len, seed=tc.seed)
     metrics_path, tele_path = out / "metrics.jsonl", out / "telemetry.jsonl"
-    tele = Telemetry(tele_path)
+    tele = Telemetry(tele_path if writer else None)
     step, tokens, elapsed, total = 0, 0, 0.0, tc.total_steps()
     history: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     if ck is not None:
-        st = load_checkpoint(ck, model, opt)
+        st = (load_checkpoint if par is None else par.load_checkpoint)(ck, model, opt)
         step, tokens, elapsed = st["step"], st["tokens"], st["elapsed"]
         # Same budget -> same schedule (exact resume); a new step/token budget re-plans the cosine.
         total = tc.total_steps() or st["total_steps"]
         sampler.load_state_dict(st["sampler"])
         tele.load_state_dict(st.get("telemetry", {}))
         history, evals = st.get("history", []), st.get("evals", [])
-        _truncate_jsonl(metrics_path, step)
-        _truncate_jsonl(tele_path, step)
-    else:
+        if writer:
+            _truncate_jsonl(metrics_path, step)
+            _truncate_jsonl(tele_path, step)
+    elif writer:
         out.mkdir(parents=True, exist_ok=True)
         for p in (metrics_path, tele_path):
             p.unlink(missing_ok=True)
-    atomic_write_text(out / "train_config.json", json.dumps({"train": asdict(tc), "model": model.config.to_dict(),
-                                                             "data": str(data.root)}, indent=1))
+    if writer:
+        atomic_write_text(out / "train_config.json", json.dumps({"train": asdict(tc), "model": model.config.to_dict(),
+                                                                 "data": str(data.root)}, indent=1))
     bf16 = resolve_precision(tc.precision, "cpu", what="training") == "bf16"
     moe_layers = model.moe_layers()
     deadline = None if tc.max_minutes is None else tc.max_minutes * 60.0
     calib_at = min(10, max(1, tc.warmup_steps))
     bar = None
-    if progress:
+    if progress and writer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
@@ -220,6 +232,8 @@ def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume
         loss_sum = ce_sum = bal_sum = z_sum = 0.0
         for _ in range(tc.grad_accum):
             x_BS, y_BS = next(sampler)
+            if par is not None:  # this rank's rows of the global batch
+                x_BS, y_BS = par.shard(x_BS, y_BS)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 o = model(x_BS, labels=y_BS)
             (o.loss / tc.grad_accum).backward()
@@ -230,12 +244,20 @@ def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume
             ce_sum += float(o.ce_loss.detach())
             bal_sum += float(o.aux_losses["balance"].detach()) if o.aux_losses else 0.0
             z_sum += float(o.aux_losses["z"].detach()) if o.aux_losses else 0.0
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        if par is None:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        else:
+            par.sync_grads()
+            gnorm = par.clip_grad_norm(tc.grad_clip)
+            loads = par.reduce_loads(loads)
+            loss_sum, ce_sum, bal_sum, z_sum = par.mean([loss_sum, ce_sum, bal_sum, z_sum])
         opt.step()
         opt.zero_grad(set_to_none=True)
         if moe_layers:
             model.update_router_biases(loads)
         step += 1
+        if par is not None:  # EPLB at run time (no-op unless --eplb-interval)
+            par.after_step(step, loads, opt)
         tokens += tc.tokens_per_step
         elapsed += time.perf_counter() - t0
         if total is None and deadline is not None and step == calib_at:
@@ -246,9 +268,12 @@ def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume
         n = tc.grad_accum
         rec = {"step": step, "loss": loss_sum / n, "ce": ce_sum / n, "balance": bal_sum / n, "z": z_sum / n,
                "lr": lr, "grad_norm": gnorm, "tokens": tokens, "elapsed": round(elapsed, 3)}
+        if par is not None and par.balancedness:
+            rec["ep_balancedness"] = par.balancedness
         history.append(rec)
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        if writer:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
         if step % tc.log_every == 0:
             tele.flush(step, "train", loss=rec["loss"])
         if tc.eval_every and step % tc.eval_every == 0:
@@ -257,7 +282,7 @@ def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume
             if bar is not None:
                 bar.write(f"step {step}: val bpb {ev['val_bpb']:.4f}")
         if tc.ckpt_every and step % tc.ckpt_every == 0:
-            save_checkpoint(out, step, model, opt, snapshot(), data.tokenizer_path)
+            save_ck(out, step, model, opt, snapshot(), data.tokenizer_path)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
@@ -271,9 +296,11 @@ def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume
         do_eval()
     if stopped_by == "budget" and tc.max_minutes is not None and tc.finish_schedule and tc.total_steps() is None:
         stopped_by = "schedule_end"  # the wall clock sized the schedule; the run finished it
-    ck_final = save_checkpoint(out, step, model, opt, snapshot(), data.tokenizer_path)
+    ck_final = save_ck(out, step, model, opt, snapshot(), data.tokenizer_path)
     res = TrainResult(out=out, checkpoint=ck_final, steps=step, tokens=tokens, train_seconds=elapsed,
                       tokens_per_s=tokens / max(elapsed, 1e-9), history=history, evals=evals, stopped_by=stopped_by)
+    if not writer:
+        return res
     summary = {k: v for k, v in asdict(res).items() if k not in ("history", "evals")}
     summary.update(out=str(out), checkpoint=str(ck_final), final_val_bpb=evals[-1]["val_bpb"] if evals else None,
                    schedule_steps=total)
@@ -295,7 +322,8 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
               ckpt_every: int = 200, seed: int = 0, precision: Literal["auto", "fp32", "bf16"] = "auto",
               threads: int | None = None, aux_loss_coef: float | None = None,
               balance: Literal["config", "none", "aux", "bias"] = "config", top_k: int | None = None,
-              progress: bool = True) -> int:
+              progress: bool = True, ep: int = 1, eplb_interval: int = 0, eplb_window: int = 0,
+              eplb_redundant: int = 0) -> int:
     """Train a model on prepared text, with bits-per-byte evals, routing telemetry and exact --resume.
 
     The model comes from --preset, --config (moekit or HF config.json) or --init-from (a moekit model
@@ -332,24 +360,37 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
         balance: override balancing: none, aux (Switch loss), bias (aux-loss-free score bias), config (as is).
         top_k: override experts per token.
         progress: show a progress bar.
+        ep: expert-parallel degree under torchrun (`torchrun --nproc-per-node N -m moekit train ... --ep E`; E
+            divides N, the other N/E-way is data-parallel). Checkpoints are gathered to the one-process layout.
+        eplb_interval: with --ep, rebalance experts (EPLB) every this many steps, moving weights and AdamW moments.
+        eplb_window: steps of expert loads EPLB looks at (0 = all so far).
+        eplb_redundant: extra replica slots for the hottest experts (rounded up to a multiple of --ep).
     """
     from moekit.config import ConfigError
 
     if threads:
         torch.set_num_threads(threads)
-    model, data = build_for_training(preset=preset, config=config, init_from=init_from, data_dir=data_dir,
-                                     corpus=corpus, vocab_size=vocab_size, seed=seed, aux_loss_coef=aux_loss_coef,
-                                     balance=balance, top_k=top_k, resume_dir=out if resume else None)
+    from moekit.distributed.train import rank0_first, setup
+
+    # Under torchrun, rank 0 prepares the data (tokenizer, shards) before the others read it.
+    model, data = rank0_first(lambda: build_for_training(
+        preset=preset, config=config, init_from=init_from, data_dir=data_dir, corpus=corpus, vocab_size=vocab_size,
+        seed=seed, aux_loss_coef=aux_loss_coef, balance=balance, top_k=top_k, resume_dir=out if resume else None))
     if max_minutes is None and max_tokens is None and max_steps is None:
         max_tokens = 2_000_000
     tc = TrainConfig(batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
                      weight_decay=weight_decay, grad_clip=grad_clip, max_steps=max_steps, max_tokens=max_tokens,
                      max_minutes=max_minutes, eval_every=eval_every, ckpt_every=ckpt_every, seed=seed,
                      precision=precision, threads=threads)
+    model, par = setup(model, ep, eplb_interval, eplb_window, eplb_redundant)
     try:
-        res = train(model, data, out, tc, resume=resume, progress=progress)
+        res = train(model, data, out, tc, resume=resume, progress=progress, parallel=par)
     except ConfigError as e:
         raise TrainError(str(e)) from None
+    if par is not None:
+        par.close()
+        if not par.writer:
+            return 0
     bpb = res.evals[-1]["val_bpb"] if res.evals else float("nan")
     print(f"{res.steps} steps, {res.tokens:,} tokens in {res.train_seconds:.0f} s ({res.tokens_per_s:,.0f} tok/s); "
           f"val bpb {bpb:.4f}; checkpoint {res.checkpoint}")
@@ -372,8 +413,10 @@ def build_for_training(*, preset=None, config=None, init_from=None, data_dir="da
         data = prepare(corpus, data_dir, vocab_size, progress=progress)
     else:
         data = load_prepared(data_dir, corpus, vocab_size)
-    if resume_dir is not None and latest_checkpoint(resume_dir) is not None:
-        cfg = ModelConfig.from_json(latest_checkpoint(resume_dir) / "config.json")
+    from moekit.checkpoint.manifest import resolve_resume
+
+    if resume_dir is not None and (ck := resolve_resume(resume_dir, warn=False)) is not None:
+        cfg = ModelConfig.from_json(ck / "config.json")
         return build_model(cfg, seed=seed), data
     if init_from is not None:
         model = load_native(init_from).train()
