@@ -87,7 +87,7 @@ class MoELayer(nn.Module):
                 # tokens once before the gather instead, which also halves the rows it moves.
                 x_in_TD = x_TD.to(torch.get_autocast_dtype("cpu"))
             d = self.dispatcher.dispatch(x_in_TD, r.topk_ids_TK, r.topk_weights_TK, self.cfg.weight_on_input)
-            if _inference(x_TD, self.experts, d.weights_S):
+            if isinstance(self.experts, GroupedExperts) and _inference(x_TD, self.experts, d.weights_S):
                 # CPU inference: experts and combine fused (compiled kernel for small experts).
                 w_S = torch.ones_like(d.weights_S) if d.weights_applied else d.weights_S
                 out_TD = self.experts.forward_combine(d.x_SD, d.counts_E, d.rows_S, w_S, d.num_tokens, d.top_k)
@@ -108,13 +108,15 @@ class MoELayer(nn.Module):
         # row-major GEMV (Mixtral-style bf16 block, interleaved: T=1 0.72 vs 0.78 ms, T=8 2.36 vs 2.52).
         if self.cfg.capacity_factor is not None or self.cfg.weight_on_input:
             return None
+        if not isinstance(self.experts, GroupedExperts):  # e.g. moekit.quant's QuantizedExperts
+            return None
         return self.experts.packed_for(x_TD)
 
     def _fused_topk(self, x_TD: torch.Tensor) -> bool:
         """Whether the one-call kernel path applies: CPU inference, dropless, weights on the output,
         and so few tokens that no expert can get more rows than the kernel's threshold."""
         ex = self.experts
-        return (self.cfg.capacity_factor is None and not self.cfg.weight_on_input
+        return (isinstance(ex, GroupedExperts) and self.cfg.capacity_factor is None and not self.cfg.weight_on_input
                 and kernels.fused_ok(x_TD, ex.act, ex, ex.w13, ex.w2))
 
     def _routing(self, r, batch: int, dropped: torch.Tensor, return_ids: bool) -> Routing:
