@@ -27,6 +27,8 @@ COMMANDS: dict[str, str] = {
     "convert": "moekit.checkpoint.convert:convert_cli",
     "upcycle": "moekit.checkpoint.upcycle:upcycle_cli",
     "compare": "moekit.train.compare:compare_cli",
+    "quantize": "moekit.quant.cli:quantize_cli",
+    "quant-report": "moekit.quant.cli:quant_report_cli",
 }
 
 
