@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from moekit.checkpoint.native import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write, atomic_write_text,
-                                      materialize_buffers, read_safetensors)
+                                      materialize_buffers)
 from moekit.config import ConfigError, ModelConfig
 from moekit.quant.apply import empty_structure, set_compute_dtype
 from moekit.quant.config import QuantConfig, QuantError
@@ -56,6 +56,48 @@ def is_quantized(path: str | Path) -> bool:
         return False
 
 
+_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+           "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+           "BOOL": torch.bool}
+
+
+def read_into(file: Path, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Read a safetensors file tensor by tensor straight into fresh tensors (one `readinto` each):
+    no file mapping and no second copy, so the peak memory is the tensors themselves. Names and
+    shapes are checked against `expected` as `native.read_safetensors` does."""
+    import struct
+
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            base = 8 + n
+            names = set(header)
+            missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+            if missing or extra:
+                raise CheckpointError(f"{file}: missing tensor(s) {missing[:5]} / unexpected tensor(s) {extra[:5]}; "
+                                      "does config.json (its quantization section) match these weights?")
+            out = {}
+            for k, shape in expected.items():
+                h = header[k]
+                if tuple(h["shape"]) != tuple(shape) or h["dtype"] not in _DTYPES:
+                    raise CheckpointError(f"{file}: tensor {k!r} is {h['dtype']} {tuple(h['shape'])}, "
+                                          f"expected shape {tuple(shape)}")
+                a, b = h["data_offsets"]
+                t = torch.empty(tuple(shape), dtype=_DTYPES[h["dtype"]])
+                if t.numel() * t.element_size() != b - a:
+                    raise CheckpointError(f"{file}: tensor {k!r} holds {b - a} bytes, its shape needs "
+                                          f"{t.numel() * t.element_size()}")
+                f.seek(base + a)
+                if b > a and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != b - a:
+                    raise CheckpointError(f"{file}: tensor {k!r} is cut short; the file is truncated")
+                out[k] = t
+            return out
+    except (OSError, ValueError, KeyError, struct.error) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); re-save it") from None
+
+
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Load a quantized checkpoint directory; `dtype` casts the float parts (norms, router,
     embeddings) and sets the dtype the quantized weights dequantize to."""
@@ -71,7 +113,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
         model = Transformer(cfg)
     empty_structure(model, qcfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    sd = read_safetensors(path / WEIGHTS_NAME, expected)
+    sd = read_into(path / WEIGHTS_NAME, expected)
     model.load_state_dict(sd, strict=True, assign=True)
     del sd
     materialize_buffers(model)
