@@ -17,10 +17,21 @@ REPORT_STEM = "quant_report"
 
 
 def _file_bytes(path: str | Path) -> int:
+    """Bytes of a model's weight files (a run directory: its latest checkpoint's; optimizer state excluded)."""
     p = Path(path)
     if p.is_file():
         return p.stat().st_size
-    return sum(f.stat().st_size for f in p.glob("*.safetensors")) or sum(f.stat().st_size for f in p.glob("*.gguf"))
+    if not (p / "config.json").is_file():
+        from moekit.train.evaluate import resolve_checkpoint
+
+        p = resolve_checkpoint(p)
+    return sum(f.stat().st_size for f in p.glob("model*.safetensors"))
+
+
+def _bf16_bytes(model) -> int:
+    """What the model's weights take in bf16 (float tensors at 2 bytes, others as they are)."""
+    ts = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in ts)
 
 
 def _load(path: str | Path):
@@ -36,6 +47,10 @@ def _load(path: str | Path):
         return load_model(resolve_checkpoint(p) if not (p / "config.json").is_file() else p)
     except CheckpointError as e:
         raise QuantError(str(e)) from None
+
+
+def _experts(model) -> list:
+    return [layer.experts for layer in model.moe_layers()]
 
 
 def run_report(orig: str | Path, quant: str | Path, out: str | Path | None = None, *, data: str = "data",
@@ -80,7 +95,10 @@ def run_report(orig: str | Path, quant: str | Path, out: str | Path | None = Non
         "quantization": qcfg.to_dict(), "main": main, "variants": variants,
         "expert_error": R.expert_errors(om, qm), "calibration": cov.get("layers", []),
         "size": {"orig_bytes": ob, "quant_bytes": qb, "orig_mb": ob / 1e6, "quant_mb": qb / 1e6,
-                 "ratio": ob / max(qb, 1)},
+                 "ratio": ob / max(qb, 1), "orig_dtype": str(om.dtype).replace("torch.", ""),
+                 "bf16_bytes": _bf16_bytes(om), "ratio_vs_bf16": _bf16_bytes(om) / max(qb, 1),
+                 "expert_bytes_bf16": sum(2 * e.w13.numel() + 2 * e.w2.numel() for e in _experts(om)),
+                 "expert_bytes_quant": sum(e.qw13.nbytes + e.qw2.nbytes for e in _experts(qm))},
     }
     if decode_tokens:
         prompt = torch.from_numpy(tokens[:16].astype("int64")).unsqueeze(0)

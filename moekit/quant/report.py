@@ -143,9 +143,13 @@ def to_markdown(rep: dict[str, Any]) -> str:
         lines.append(f"| {name} | {v.get('bpb_quant', float('nan')):.4f} | {v.get('bpb_delta_pct', float('nan')):+.3f}% "
                      f"| {v['kl']:.5f} | {v['same_top_token']:.4f} | {v.get('agreement_exact_mean', float('nan')):.4f} "
                      f"| {v.get('agreement_shared_mean', float('nan')):.4f} |")
+    sz = rep["size"]
     lines += ["", f"original bpb {rep['main'].get('bpb_orig', float('nan')):.4f}; file size "
-              f"{rep['size']['orig_mb']:.2f} MB -> {rep['size']['quant_mb']:.2f} MB "
-              f"({rep['size']['ratio']:.2f}x smaller)"]
+              f"{sz['orig_mb']:.2f} MB ({sz.get('orig_dtype', '')}) -> {sz['quant_mb']:.2f} MB "
+              f"({sz['ratio']:.2f}x smaller; {sz.get('ratio_vs_bf16', float('nan')):.2f}x smaller than bf16); "
+              f"experts alone {sz.get('expert_bytes_bf16', 0) / 1e6:.2f} MB bf16 -> "
+              f"{sz.get('expert_bytes_quant', 0) / 1e6:.2f} MB "
+              f"({sz.get('expert_bytes_bf16', 0) / max(sz.get('expert_bytes_quant', 0), 1):.2f}x)"]
     if rep.get("decode_tokens_per_s"):
         lines.append("decode tokens/s (batch 1, greedy, best of interleaved rounds): " + ", ".join(
             f"{k} {v:.1f}" for k, v in rep["decode_tokens_per_s"].items()))
