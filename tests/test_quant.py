@@ -94,7 +94,8 @@ def test_nibble_packing_round_trips(lead, rows, groups, gs, seed):
     packed = formats.pack_nibbles(codes)
     assert packed.shape == (*lead, rows, groups * gs // 2) and packed.dtype == torch.uint8
     assert torch.equal(formats.unpack_nibbles(packed), codes)
-    assert torch.equal(packed & 0xF, codes[..., 0::2])  # element 2j in the low nibble
+    blocks = codes.unflatten(-1, (-1, 32))  # GGUF block order: byte j = element j | element j + 16 << 4
+    assert torch.equal(packed.unflatten(-1, (-1, 16)), blocks[..., :16] | (blocks[..., 16:] << 4))
     # Signed int4 codes survive the offset-by-8 storage.
     signed = codes.to(torch.int8) - 8
     assert torch.equal(formats.loaded_codes("int4", formats.stored_codes("int4", signed, False), False), signed)
@@ -172,3 +173,19 @@ def test_bf16_model_casts_keep_quantized_storage():
     with torch.no_grad():
         out = q(torch.randint(0, 128, (1, 8))).logits
     assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("zp", [False, True])
+def test_int4pack_path_matches_dequantized_reference(zp):
+    from moekit.moe.experts import GroupedExperts
+
+    torch.manual_seed(0)
+    qx = QuantizedExperts.from_experts(GroupedExperts(3, 64, 96), "int4", 32, zp)
+    counts = torch.tensor([4, 0, 6])
+    x = torch.randn(10, 64)
+    with torch.no_grad():
+        ref = qx(x, counts)
+        if qx.pack() == 0:
+            pytest.skip("torch has no CPU int4 matmul")
+        got = qx(x, counts)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)

@@ -102,7 +102,17 @@ def run_report(orig: str | Path, quant: str | Path, out: str | Path | None = Non
     }
     if decode_tokens:
         prompt = torch.from_numpy(tokens[:16].astype("int64")).unsqueeze(0)
-        rep["decode_tokens_per_s"] = R.decode_tokens_per_s({"orig": om, "quant": qm}, prompt, decode_tokens)
+        models, setup = {"orig": om, "quant": qm}, {}
+        if qcfg.scheme == "int4":  # also torch's int4 matmul (QuantizedExperts.pack)
+            from moekit.quant.modules import pack_int4
+
+            models["quant (int4pack)"] = qm
+            setup = {"quant": lambda: [layer.experts.unpack() for layer in qm.moe_layers()],
+                     "quant (int4pack)": lambda: pack_int4(qm)}
+        rep["decode_tokens_per_s"] = R.decode_tokens_per_s(models, prompt, decode_tokens, setup=setup)
+        for layer in qm.moe_layers():
+            if hasattr(layer.experts, "unpack"):
+                layer.experts.unpack()
         rep["threads"] = torch.get_num_threads()
     out = Path(out) if out is not None else qdir
     atomic_write_text(out / f"{REPORT_STEM}.json", json.dumps(rep, indent=2))

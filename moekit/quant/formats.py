@@ -8,7 +8,7 @@ Schemes (value = code * scale):
 - int8: symmetric, codes -127..127, one float16 scale per group (exactly GGUF Q8_0 at G=32).
 - int4: symmetric like GGUF Q4_0, the scale is the group's largest-magnitude value / -8, so codes
   span all 16 levels -8..7; or with `zero_point`, codes 0..15 and value = (code - zero) * scale.
-  Two codes per byte: element 2j in the low nibble, 2j+1 in the high one.
+  Two codes per byte, in GGUF's block order (see NIBBLE_BLOCK).
 - mxfp4 (OCP Microscaling v1.0): FP4 E2M1 elements (sign bit, 2 exponent bits, 1 mantissa bit:
   magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6) and one E8M0 scale 2^(e - 127) per 32 elements, with the
   spec's scale rule e = floor(log2(amax)) - 2 and round-to-nearest-even, saturating at 6.
@@ -119,17 +119,25 @@ def fake_quant(scheme: str, w: torch.Tensor, scale: torch.Tensor, zero: torch.Te
 
 
 # ----------------------------------------------------------------------- packing
+NIBBLE_BLOCK = 32
+"""4-bit codes are packed per block of 32 elements as GGUF Q4_0 / MXFP4 blocks are: byte j (0..15)
+holds element j in its low nibble and element j + 16 in its high one. Unpacking is then two
+contiguous 16-byte halves per block rather than an element-by-element interleave, and the bytes of
+a block are exactly a GGUF block's `qs`."""
+
+
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """[..., I] codes 0..15 (any integer dtype) -> uint8 [..., I/2]: element 2j low nibble, 2j+1 high."""
-    if codes.shape[-1] % 2:
-        raise QuantError(f"cannot pack an odd number of 4-bit codes ({codes.shape[-1]}) into bytes")
-    c = codes.to(torch.uint8) & 0xF
-    return c[..., 0::2] | (c[..., 1::2] << 4)
+    """[..., I] codes 0..15 (any integer dtype), I a multiple of 32 -> uint8 [..., I/2] (GGUF block order)."""
+    if codes.shape[-1] % NIBBLE_BLOCK:
+        raise QuantError(f"4-bit codes are packed in blocks of {NIBBLE_BLOCK}; got a row of {codes.shape[-1]}")
+    c = (codes.to(torch.uint8) & 0xF).unflatten(-1, (-1, 2, NIBBLE_BLOCK // 2))
+    return (c[..., 0, :] | (c[..., 1, :] << 4)).flatten(-2)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [..., I/2] -> uint8 [..., I] codes 0..15 (inverse of pack_nibbles)."""
-    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+    p = packed.unflatten(-1, (-1, NIBBLE_BLOCK // 2))
+    return torch.stack([p & 0xF, p >> 4], dim=-2).flatten(-3)
 
 
 def stored_codes(scheme: str, codes: torch.Tensor, zero_point: bool) -> torch.Tensor:

@@ -82,11 +82,30 @@ class QuantizedTensor(nn.Module):
         return formats.loaded_codes(self.scheme, q, self.zero_point)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, index: int | None = None) -> torch.Tensor:
-        """The float matrix (matrix `index` of the stack), computed in float32 and cast to dtype."""
+        """The float matrix (matrix `index` of the stack), computed in float32 and cast to dtype
+        (the same float32 operations as `formats.from_codes`, done in place: one buffer)."""
         s, z = self.params(index)
         c_xNG = self.codes(index).unflatten(-1, (-1, self.group_size))
-        w = formats.from_codes(self.scheme, c_xNG, s.unsqueeze(-1), None if z is None else z.unsqueeze(-1))
+        if self.scheme == "mxfp4":
+            w = formats.from_codes(self.scheme, c_xNG, s.unsqueeze(-1), None)
+        else:
+            w = c_xNG.float()
+            if z is not None:
+                w.sub_(z.unsqueeze(-1))
+            w.mul_(s.unsqueeze(-1))
         return w.flatten(-2).to(dtype)
+
+    def int4pack(self, index: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Matrix `index` in the layout of torch's CPU int4 matmul (`aten._weight_int4pack_mm_for_cpu`):
+        (packed weight, scales_and_zeros [I/G, O, 2] in dtype). That op computes
+        w = (nibble - 8) * scale + zero, so symmetric codes (stored as code + 8) get zero 0 and
+        zero-point codes get (8 - z) * scale."""
+        nib = formats.unpack_nibbles(self.q[index]).to(torch.int32)
+        # Symmetric codes are stored as code + 8, zero-point codes as they are: both are the nibbles.
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nib, 1)
+        s, z = self.params(index)
+        zf = torch.zeros_like(s) if z is None else (8.0 - z) * s
+        return packed, torch.stack([s.t(), zf.t()], -1).to(dtype).contiguous()
 
     @property
     def nbytes(self) -> int:
@@ -131,7 +150,36 @@ class QuantizedExperts(nn.Module):
         """Expert e's (w13 [H, D], w2 [D, F]) dequantized to dtype."""
         return self.qw13.dequantize(dtype, e), self.qw2.dequantize(dtype, e)
 
+    def pack(self) -> int:
+        """int4 on CPU: keep a copy of every expert in the layout of torch's int4 matmul
+        (`_weight_int4pack_mm_for_cpu`), which inference then uses instead of dequantizing (measured
+        in docs/quantization.md). Returns the bytes added (about the 4-bit codes again); 0 when not
+        applicable (not int4, op missing, expert dims not multiples of 16)."""
+        op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+        if self.scheme != "int4" or op is None or self.qw13.q.device.type != "cpu" or self.dim % 16 \
+                or self.hidden % 16:
+            self._int4 = None
+            return 0
+        self._int4 = {}
+        return sum(t.nbytes for d in (torch.float32,) for t in self._int4_for(0, d)) * self.num_experts
+
+    def unpack(self) -> None:
+        self._int4 = None
+
+    def _int4_for(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        key = (e, dtype)
+        if key not in self._int4:
+            self._int4[key] = (*self.qw13.int4pack(e, dtype), *self.qw2.int4pack(e, dtype))
+        return self._int4[key]
+
+    _int4: dict | None = None
+
     def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        if self._int4 is not None and x_ND.dtype in (torch.bfloat16, torch.float32) and not torch.is_grad_enabled():
+            p13, sz13, p2, sz2 = self._int4_for(e, x_ND.dtype)
+            mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+            g = self.qw13.group_size
+            return mm(activate(mm(x_ND.contiguous(), p13, g, sz13), self.act).contiguous(), p2, g, sz2)
         w13_HD, w2_DF = self.expert_weights(e, x_ND.dtype)
         return F.linear(activate(F.linear(x_ND, w13_HD), self.act), w2_DF)
 
@@ -204,6 +252,11 @@ class QuantizedDenseFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(activate(self.w13(x), self.act))
+
+
+def pack_int4(model: nn.Module) -> int:
+    """`QuantizedExperts.pack()` on every int4 expert stack of `model`; returns the bytes added."""
+    return sum(m.pack() for m in model.modules() if isinstance(m, QuantizedExperts))
 
 
 def quantized_nbytes(model: nn.Module) -> int:

@@ -109,13 +109,16 @@ def expert_errors(orig, quant) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def decode_tokens_per_s(models: dict[str, Any], prompt_BS: torch.Tensor, new_tokens: int, rounds: int = 3
-                        ) -> dict[str, float]:
+def decode_tokens_per_s(models: dict[str, Any], prompt_BS: torch.Tensor, new_tokens: int, rounds: int = 3,
+                        setup: dict[str, Any] | None = None) -> dict[str, float]:
     """Greedy batch-1 decode speed of each model, rounds interleaved (the machine may be shared:
-    the best round of each is kept)."""
+    the best round of each is kept). setup[name], when given, is called before that model's round
+    (e.g. to switch a model between two execution paths)."""
     best = {k: 0.0 for k in models}
     for _ in range(rounds):
         for name, m in models.items():
+            if setup and name in setup:
+                setup[name]()
             cache = m.new_cache(1, prompt_BS.shape[1] + new_tokens)
             out = m(prompt_BS, cache=cache, logits_at=torch.tensor([prompt_BS.shape[1] - 1]))
             cache.advance(prompt_BS.shape[1])
