@@ -126,7 +126,7 @@ def quantize_cli(model: str, out: str, scheme: Literal["int8", "int4", "mxfp4"] 
                  router_calibration: bool = False, attention: Literal["int8", "bf16"] = "bf16",
                  lm_head: bool = False, zero_point: bool = False, expert_floor: int = 64, seq_len: int = 256,
                  data_dir: str = "data", report: bool = True, report_data: str | None = None,
-                 report_tokens: int = 16384, threads: int | None = None) -> int:
+                 report_tokens: int = 16384, gguf: bool = False, threads: int | None = None) -> int:
     """Quantize a model's experts (and dense FFNs / shared experts) weight-only, group-wise.
 
     Writes OUT (config.json with a `quantization` section, model.safetensors with packed codes and
@@ -152,6 +152,7 @@ def quantize_cli(model: str, out: str, scheme: Literal["int8", "int4", "mxfp4"] 
         report: write the quantization report.
         report_data: prepared corpus for the report (default: --calib if it is one, else en-prose under --data-dir).
         report_tokens: evaluation tokens of the report.
+        gguf: also write OUT/model.gguf (Mixtral / Qwen3-MoE layouts, group size 32): int8 as Q8_0, int4 as Q4_0, mxfp4 as MXFP4, the same codes and scales.
         threads: torch threads (default: torch's choice).
     """
     from moekit.checkpoint.native import atomic_write_text
@@ -178,6 +179,10 @@ def quantize_cli(model: str, out: str, scheme: Literal["int8", "int4", "mxfp4"] 
     src = Path(model) if (Path(model) / "config.json").is_file() else None
     if src is not None and (src / "tokenizer.json").is_file():
         shutil.copyfile(src / "tokenizer.json", Path(out) / "tokenizer.json")
+    if gguf:
+        from moekit.quant.gguf_export import export_quantized_gguf
+
+        print(f"wrote {export_quantized_gguf(q, out)}", file=sys.stderr)
     print(f"quantized {model} -> {out}: {q.quant_config.scheme} ({method}) in {rep['time_s']:.1f} s, "
           f"{_file_bytes(out) / 1e6:.2f} MB", file=sys.stderr)
     if report:
