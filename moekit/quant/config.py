@@ -17,6 +17,7 @@ SCHEMES = ("int8", "int4", "mxfp4")
 METHODS = ("rtn", "gptq")
 ATTENTION = ("int8", "bf16")
 GROUP_SIZES = (32, 64, 128)
+FORMAT = 1
 MX_BLOCK = 32
 """OCP MX block size: one shared E8M0 scale per 32 elements (gpt-oss ships MXFP4 this way)."""
 
@@ -45,6 +46,9 @@ class QuantConfig:
     """Quantize dense FFN layers and shared experts with `scheme`."""
     router_calibration: bool = False
     """Routers refit layer by layer on the quantized model's inputs (EAC-MoE QESC)."""
+    format: int = 1
+    """Storage layout version (1: 4-bit codes in GGUF block order, float16 / E8M0 scales); a loader
+    refuses versions it does not know instead of misreading the bytes."""
     calibration: dict[str, Any] = field(default_factory=dict)
     """What produced the weights: corpus, tokens, floors, routing agreement before/after (informative)."""
 
@@ -63,6 +67,9 @@ class QuantConfig:
         if self.scheme == "mxfp4" and self.group_size != MX_BLOCK:
             raise QuantError(f"mxfp4 shares one E8M0 scale per {MX_BLOCK} elements (OCP MX); "
                              f"use --group-size {MX_BLOCK}")
+        if self.format != FORMAT:
+            raise QuantError(f"quantized storage format {self.format} is not readable by this moekit "
+                             f"(it reads format {FORMAT}); re-quantize the original model")
         if self.zero_point and self.scheme != "int4":
             raise QuantError("zero points apply to int4 only; drop zero_point or use --scheme int4")
 

@@ -194,3 +194,32 @@ def plot(rep: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def summary_table(paths: list[str]) -> str:
+    """One markdown row per quant_report.json: the numbers docs/quantization.md tabulates."""
+    import json
+
+    head = ("| model | bpb | bpb delta | KL | same top token | agreement exact | agreement >=1 shared "
+            "| agreement, original routers | file MB | x smaller than bf16 | experts x smaller | decode tok/s (orig / quant) |")
+    rows = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        m, sz, q = r["main"], r["size"], r["quantization"]
+        label = f"{q['scheme']} {q['method']}" + (" + router cal." if q["router_calibration"] else "") + \
+            (f" g{q['group_size']}" if q["group_size"] != 32 else "")
+        fp = r["variants"].get("quantized, original routers")
+        dec = r.get("decode_tokens_per_s", {})
+        rows.append(
+            f"| {label} | {m['bpb_quant']:.4f} | {m['bpb_delta_pct']:+.3f}% | {m['kl']:.5f} | {m['same_top_token']:.4f} "
+            f"| {m.get('agreement_exact_mean', float('nan')):.4f} | {m.get('agreement_shared_mean', float('nan')):.4f} "
+            f"| {'' if fp is None else format(fp['agreement_exact_mean'], '.4f')} | {sz['quant_mb']:.2f} "
+            f"| {sz['ratio_vs_bf16']:.2f} | {sz['expert_bytes_bf16'] / max(sz['expert_bytes_quant'], 1):.2f} "
+            f"| {' / '.join(f'{v:.1f}' for v in dec.values())} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(summary_table(sys.argv[1:]))
