@@ -31,6 +31,8 @@ COMMANDS: dict[str, str] = {
     "compare": "moekit.train.compare:compare_cli",
     "doctor": "moekit.doctor:doctor_cli",
     "simulate-ep": "moekit.distributed.cli:simulate_ep_cli",
+    "quantize": "moekit.quant.cli:quantize_cli",
+    "quant-report": "moekit.quant.cli:quant_report_cli",
 }
 
 

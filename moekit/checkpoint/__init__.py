@@ -20,6 +20,7 @@ def config_from_path(path: str | Path) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f}: not valid JSON ({e})") from None
     if "moekit_version" in d:
+        d.pop("quantization", None)  # a quantized checkpoint (moekit.quant): same model config
         return ModelConfig.from_dict(d)
     try:
         from moekit.checkpoint.hf_config import config_from_hf

@@ -108,6 +108,10 @@ def load_native(path: str | Path, dtype: torch.dtype | None = None, device: str 
     from moekit.model.transformer import Transformer
 
     path = Path(path)
+    from moekit.quant.checkpoint import is_quantized, load_quantized  # a quantized checkpoint: its own builder
+
+    if is_quantized(path):
+        return load_quantized(path, dtype=dtype, device=device)
     try:
         cfg = ModelConfig.from_json(path / CONFIG_NAME)
     except (ConfigError, json.JSONDecodeError) as e:
