@@ -1,8 +1,8 @@
 """Weight-only quantization of MoE models: stacked experts, dense FFNs, optional attention and head.
 
 `quantize_model(model, ...)` quantizes in memory (RTN or GPTQ, optional router calibration);
-`save_quantized` / `moekit.load_model` round-trip it; `moekit quant-report` (moekit.quant.cli.run_report) measures what it did to routing
-and quality. See docs/quantization.md.
+`save_quantized` / `moekit.load_model` round-trip it; `moekit quant-report`
+(moekit.quant.cli.run_report) measures what it did to routing and quality. See docs/quantization.md.
 """
 
 from moekit.quant.apply import quantize_rtn

@@ -152,7 +152,8 @@ def quantize_cli(model: str, out: str, scheme: Literal["int8", "int4", "mxfp4"] 
         report: write the quantization report.
         report_data: prepared corpus for the report (default: --calib if it is one, else en-prose under --data-dir).
         report_tokens: evaluation tokens of the report.
-        gguf: also write OUT/model.gguf (Mixtral / Qwen3-MoE layouts, group size 32): int8 as Q8_0, int4 as Q4_0, mxfp4 as MXFP4, the same codes and scales.
+        gguf: also write OUT/model.gguf (Mixtral / Qwen3-MoE layouts, group size 32): int8 as Q8_0,
+            int4 as Q4_0, mxfp4 as MXFP4, the same codes and scales.
         threads: torch threads (default: torch's choice).
     """
     from moekit.checkpoint.native import atomic_write_text

@@ -207,7 +207,8 @@ def summary_table(paths: list[str]) -> str:
         r = json.loads(Path(p).read_text())
         m, sz, q = r["main"], r["size"], r["quantization"]
         label = f"{q['scheme']} {q['method']}" + (" + router cal." if q["router_calibration"] else "") + \
-            (f" g{q['group_size']}" if q["group_size"] != 32 else "")
+            (f" g{q['group_size']}" if q["group_size"] != 32 else "") + \
+            (", attention int8" if q.get("attention") == "int8" else "")
         fp = r["variants"].get("quantized, original routers")
         dec = r.get("decode_tokens_per_s", {})
         rows.append(
