@@ -94,3 +94,17 @@ def test_report_verdict(moe_bpb, dense_bpb, better):
     text = render_report(p)
     assert ("the MoE is better" in text) == better
     assert ("**not** better" in text) == (not better)
+
+
+def test_verdict_needs_a_difference_beyond_the_run_to_run_spread():
+    from moekit.train.compare import RUN_TO_RUN_SPREAD_BPB, degenerate, verdict_text
+
+    ok = {"moe": False, "dense": False}
+    assert "within the run-to-run spread" in verdict_text(1.600, 1.6043, ok)  # the "better by 0.0043" case
+    assert "better by 0.0500" in verdict_text(1.55, 1.60, ok)
+    assert "**not** better" in verdict_text(1.65, 1.60, ok)
+    assert "within" in verdict_text(1.60 + 0.95 * RUN_TO_RUN_SPREAD_BPB, 1.60, ok)
+    assert "not ranked" in verdict_text(1.0, 3.0, {"moe": False, "dense": True})
+    assert degenerate(["the the the the the the the the"])
+    assert degenerate(["and the and the and the and the and the"])
+    assert not degenerate(["The history of the city begins with a small harbor on the river."])
