@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "upcycle": "moekit.checkpoint.upcycle:upcycle_cli",
     "compare": "moekit.train.compare:compare_cli",
     "doctor": "moekit.doctor:doctor_cli",
+    "prune": "moekit.memory.prune:prune_cli",
 }
 
 

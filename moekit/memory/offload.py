@@ -74,11 +74,10 @@ class OffloadedExperts(nn.Module):
             self.cache.release(e)
 
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        # Plan: 1. score the lookahead prediction against the experts needed; 2. run the experts
-        # already resident first (no eviction can touch them before they are used), then the rest.
+        # Run the experts already resident first (no eviction can touch them before they are
+        # used), then the rest.
         counts = counts_E.tolist()
         needed = [e for e, n in enumerate(counts) if n]
-        self.cache.observe_needed(set(needed))
         starts, acc = [], 0
         for n in counts:
             starts.append(acc)
@@ -102,13 +101,21 @@ class _Prefetcher:
         self.layers, self.caches = layers, caches
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-prefetch")
         self.handles = [layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(layers[:-1])]
+        # Score each prediction against the layer's real routing, whichever backend runs the experts.
+        self.handles += [layer.router.register_forward_hook(self._score(c)) for layer, c in zip(layers[1:], caches[1:])]
+
+    @staticmethod
+    def _score(cache: ExpertCache):
+        def hook(module, args, out):
+            cache.observe_needed(set(out.topk_ids_TK.unique().tolist()))
+        return hook
 
     def _hook(self, i: int):
         def hook(module, args):
             x = args[0]
             nxt = self.layers[i + 1]
             with torch.no_grad():
-                r = nxt.router(x.reshape(-1, x.shape[-1]))
+                r = nxt.router.forward(x.reshape(-1, x.shape[-1]))  # .forward: not seen by the scoring hook
             ids = r.topk_ids_TK.reshape(-1)
             cnt = torch.bincount(ids, minlength=self.caches[i + 1].store.num_experts)
             cache = self.caches[i + 1]
