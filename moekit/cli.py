@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "simulate-ep": "moekit.distributed.cli:simulate_ep_cli",
     "quantize": "moekit.quant.cli:quantize_cli",
     "quant-report": "moekit.quant.cli:quant_report_cli",
+    "prune": "moekit.memory.prune:prune_cli",
 }
 
 

@@ -89,7 +89,9 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  seed: int = 0, stop: list[int] | None = None,
                  dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto", threads: int = 0,
-                 pack_experts: bool = False) -> int:
+                 pack_experts: bool = False, skip_beta: float = 0.0, skip_alpha: float = 0.0,
+                 expert_memory_budget: str | None = None, cache_policy: Literal["lru", "lfu"] = "lru",
+                 prefetch: bool = True) -> int:
     """Generate text (or token ids) from a model directory, .gguf file or preset.
 
     One --prompt streams its continuation to the terminal as it is produced; --prompts-file runs a
@@ -114,6 +116,13 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
         threads: torch CPU threads (0 = torch's default).
         pack_experts: pack the expert weights for the CPU outer-product kernel (faster prefill and
             batches; the expert weights take twice the memory).
+        skip_beta: NAEE skipping: drop an expert whose weight is below beta x the token's top weight (0 = off).
+        skip_alpha: PESF skipping, prefill only: skip experts picked fewer than alpha x the uniform
+            share within the sequence (0 = off).
+        expert_memory_budget: offload experts (model directory only): bytes (512M, 2G) or a fraction
+            of the expert weights (0.4) kept resident; the rest are read from the safetensors file.
+        cache_policy: eviction of the offloaded-expert cache.
+        prefetch: prefetch the next layer's likely experts on a background thread (with offloading).
     """
     from moekit.checkpoint.native import atomic_write_text
     from moekit.inference.engine import Engine
@@ -130,11 +139,21 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed, stop_token_ids=list(stop or []))
     params.validate()
-    m = load_for_inference(model, dtype, seed)
+    if expert_memory_budget is not None:
+        from moekit.memory.offload import load_offloaded
+        from moekit.precision import apply_inference_policy
+
+        if not Path(model).is_dir():
+            raise MoekitError(f"--expert-memory-budget needs a moekit model directory, got {model!r}")
+        m = load_offloaded(model, expert_memory_budget, cache_policy, prefetch)
+        apply_inference_policy(m, dtype)
+    else:
+        m = load_for_inference(model, dtype, seed)
     # tokenizer.json beside the weights, else one the loader attached (e.g. embedded in a GGUF).
     tok = load_tokenizer(model) or getattr(m, "tokenizer", None)
     prompts = [encode(prompt, tok)] if prompt is not None else _read_prompts(Path(prompts_file), tok)
-    engine = Engine(m, max_batch_size=batch_size, pack_experts=pack_experts)
+    engine = Engine(m, max_batch_size=batch_size, pack_experts=pack_experts, skip_beta=skip_beta,
+                    skip_alpha=skip_alpha)
     if pack_experts and not engine.packed_bytes:
         log.warning("--pack-experts: nothing packed (needs bf16 or fp32 MoE weights on a CPU with the moekit kernels)")
 
@@ -157,6 +176,7 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
         s = engine.stats
         print(f"[{s.generated_tokens} tokens; prefill {s.prefill_s * 1e3:.0f} ms, "
               f"decode {s.generated_tokens / max(s.decode_s, 1e-9):.1f} tok/s]", file=sys.stderr)
+        _memory_report(m, s.generated_tokens)
         return 0
 
     results = engine.generate(prompts, params)
@@ -174,4 +194,20 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
         s = engine.stats
         print(f"wrote {len(results)} results to {output} ({s.generated_tokens} tokens, "
               f"{s.generated_tokens / max(s.prefill_s + s.decode_s, 1e-9):.1f} tok/s)", file=sys.stderr)
+    _memory_report(m, engine.stats.generated_tokens)
     return 0
+
+
+def _memory_report(m, tokens: int) -> None:
+    """Skipping and offloading telemetry on stderr (nothing when neither is on)."""
+    if any(getattr(layer, "skip", None) is not None for layer in m.moe_layers()):
+        from moekit.memory.skip import skip_stats
+
+        print(f"[skipping: {json.dumps(skip_stats(m))}]", file=sys.stderr)
+    if getattr(m, "_offload_caches", None):
+        from moekit.memory.offload import close_offload, offload_telemetry
+
+        t = offload_telemetry(m)
+        t["stall_ms_per_token"] = 1e3 * t["stall_s"] / max(tokens, 1)
+        print(f"[offload: {json.dumps(t)}]", file=sys.stderr)
+        close_offload(m)

@@ -64,7 +64,7 @@ class Engine:
     """Batched generation for any moekit `Transformer` (dense, MoE, MLA)."""
 
     def __init__(self, model, max_batch_size: int = 64, check_every: int = 8, pack_experts: bool = False,
-                 precision: str = "auto"):
+                 precision: str = "auto", skip_beta: float = 0.0, skip_alpha: float = 0.0):
         # The compute-dtype policy (moekit.precision): with "auto", bf16/fp16 weights on a device
         # without native bf16 compute in fp32 (bf16 matmuls there run 3-100x slower), the big
         # matrices kept in bf16 where the kernels widen them in registers; an explicit
@@ -75,6 +75,10 @@ class Engine:
         # layer in one call at any batch size, faster than the row-major kernel and oneDNN/MKL from
         # 8 tokens per expert; costs as much memory again as the expert weights.
         self.packed_bytes = pack_all(model) if pack_experts else 0
+        if skip_beta or skip_alpha:  # NAEE / PESF expert skipping (moekit.memory.skip)
+            from moekit.memory.skip import set_skipping
+
+            set_skipping(model, beta=skip_beta, alpha=skip_alpha)
         self.cfg = model.config
         # Prefill allocates and frees multi-MB activations per layer; with glibc's defaults each is a
         # fresh mmap paying a page fault per 4 KiB (a Mixtral-style MoE block at 2048 tokens: 150 ms
