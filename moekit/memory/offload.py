@@ -21,7 +21,6 @@ Design (documented in docs/memory.md):
 
 from __future__ import annotations
 
-import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
