@@ -26,15 +26,17 @@ pytestmark = pytest.mark.usefixtures("kernel_tier")  # every test once per CPU t
 
 
 def _ref(x_SD, w13, w2, counts, act, dst=None, scale=None, n_out=None):
-    """float64 loop, activations rounded to the weights' dtype (what both kernels store between the
-    matmuls)."""
+    """float64 per-expert reference, activations rounded to the weights' dtype (what both kernels
+    store between the matmuls)."""
     out = torch.zeros(n_out or x_SD.shape[0], w13.shape[-1], dtype=torch.float64)
     start = 0
     for e, n in enumerate(counts.tolist()):
-        for s in range(start, start + n):
-            h = activate(F.linear(x_SD[s].double(), w13[e].double()), act).to(w13.dtype).double()
-            y = F.linear(h, w2[e].double()) * (1.0 if scale is None else float(scale[s]))
-            out[s if dst is None else dst[s]] += y
+        h = activate(F.linear(x_SD[start:start + n].double(), w13[e].double()), act).to(w13.dtype).double()
+        y = F.linear(h, w2[e].double())
+        if scale is not None:
+            y = y * scale[start:start + n, None].double()
+        rows = torch.arange(start, start + n) if dst is None else dst[start:start + n]
+        out.index_add_(0, rows, y)
         start += n
     return out
 
