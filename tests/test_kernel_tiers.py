@@ -124,5 +124,10 @@ def test_row_thresholds_per_tier(monkeypatch):
         monkeypatch.setattr(isa, "cpu_flags", lambda t=t: flags[t])
         assert kernels.max_rows(torch.float32) == kernels._ROWS[t][torch.float32]
         assert kernels.max_linear_rows(torch.float32) == kernels._LINEAR_ROWS[t][torch.float32]
+    # fp32 activations with bf16 weights: no limit on any tier (PyTorch has no mixed GEMM)
+    assert kernels.max_rows(torch.float32, torch.bfloat16) == kernels.MIXED_ROWS
+    assert kernels.max_linear_rows(torch.float32, torch.bfloat16) == kernels.MIXED_ROWS
+    assert kernels.max_rows(torch.float32, torch.float32) == kernels._ROWS["avx512"][torch.float32]
     monkeypatch.setenv("MOEKIT_KERNEL_MAX_ROWS", "3")
     assert kernels.max_rows(torch.bfloat16) == 3 == kernels.max_linear_rows(torch.float32)
+    assert kernels.max_rows(torch.float32, torch.bfloat16) == 3
