@@ -218,11 +218,11 @@ def _cached_build_exists(name: str) -> bool:
 
 
 def build(tier: str, name: str | None = None, src_dir: str | Path | None = None,
-          build_dir: str | Path | None = None):
+          build_dir: str | Path | None = None, extra_cflags: list[str] | None = None):
     """Compile (or load the cached build of) the kernels for `tier` and return the module; raises
     with the compiler's message on failure. `name`, `src_dir` and `build_dir` default to the
     tier's module name, this package and torch's extension directory (tests build a broken copy
-    under throwaway ones)."""
+    under throwaway ones); `extra_cflags` are appended to the tier's flags."""
     from torch.utils.cpp_extension import load_inline
 
     bt = BUILD_TIER[tier]
@@ -245,8 +245,10 @@ def build(tier: str, name: str | None = None, src_dir: str | Path | None = None,
         # pauses for half a minute must say why. A cached build loads in about a second.
         log.warning("moekit: compiling CPU kernels for tier %s once (about 30-60 s, then cached; "
                     "MOEKIT_KERNELS=0 skips)", bt)
-    return load_inline(name, cpp_sources=[src], functions=FUNCTIONS,
-                       extra_cflags=["-O3", *TIER_FLAGS[bt], f"-DMOEKIT_NS=moekit_{bt}", *omp],
+    # simd.h includes torch/extension.h itself: without load_inline's implicit copy on top, a
+    # broken first line stops the compiler before the torch headers (the build-failure test).
+    return load_inline(name, cpp_sources=[src], functions=FUNCTIONS, no_implicit_headers=True,
+                       extra_cflags=["-O3", *TIER_FLAGS[bt], f"-DMOEKIT_NS=moekit_{bt}", *omp, *(extra_cflags or [])],
                        verbose=False, **extra)
 
 
