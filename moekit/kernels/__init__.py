@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,15 +210,6 @@ def module_name(tier: str) -> str:
     return f"moekit_cpu_kernels_{BUILD_TIER[tier]}"
 
 
-def _cached_build_exists(name: str) -> bool:
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-
-        return any(Path(_get_build_directory(name, verbose=False)).glob("*.so"))
-    except Exception:
-        return False
-
-
 def build(tier: str, name: str | None = None, src_dir: str | Path | None = None,
           build_dir: str | Path | None = None, extra_cflags: list[str] | None = None):
     """Compile (or load the cached build of) the kernels for `tier` and return the module; raises
@@ -236,20 +229,42 @@ def build(tier: str, name: str | None = None, src_dir: str | Path | None = None,
     # when *this* file is compiled with -fopenmp (without it every kernel ran on one core). GOMP
     # symbols resolve to the libgomp torch already loaded, so no second OpenMP runtime and no link flag.
     omp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
-    extra = {}
-    if build_dir is not None:
-        Path(build_dir).mkdir(parents=True, exist_ok=True)
-        extra["build_directory"] = str(build_dir)
-    elif not _cached_build_exists(name):
-        # Visible by default (WARNING reaches stderr without logging config): a first forward that
-        # pauses for half a minute must say why. A cached build loads in about a second.
-        log.warning("moekit: compiling CPU kernels for tier %s once (about 30-60 s, then cached; "
-                    "MOEKIT_KERNELS=0 skips)", bt)
+    cflags = ["-O3", *TIER_FLAGS[bt], f"-DMOEKIT_NS=moekit_{bt}", *omp, *(extra_cflags or [])]
+    if build_dir is None:
+        # One folder per source + flags version: checkouts with different kernel sources (worktrees,
+        # an installed copy) sharing torch's extension directory would otherwise rebuild the same
+        # folder in turn and wait on each other's lock.
+        from torch.utils.cpp_extension import _get_build_directory
+
+        digest = hashlib.sha1((src + " ".join(cflags)).encode()).hexdigest()[:12]
+        build_dir = Path(_get_build_directory(name, verbose=False)).with_name(f"{name}-{digest}")
+        if not any(build_dir.glob("*.so")):
+            # Visible by default (WARNING reaches stderr without logging config): a first forward
+            # that pauses for a minute must say why. A cached build loads in about a second.
+            log.warning("moekit: compiling CPU kernels for tier %s once (about 30-60 s, then cached; "
+                        "MOEKIT_KERNELS=0 skips)", bt)
+    build_dir = Path(build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(build_dir / "lock")
     # simd.h includes torch/extension.h itself: without load_inline's implicit copy on top, a
     # broken first line stops the compiler before the torch headers (the build-failure test).
     return load_inline(name, cpp_sources=[src], functions=FUNCTIONS, no_implicit_headers=True,
-                       extra_cflags=["-O3", *TIER_FLAGS[bt], f"-DMOEKIT_NS=moekit_{bt}", *omp, *(extra_cflags or [])],
-                       verbose=False, **extra)
+                       extra_cflags=cflags, verbose=False, build_directory=str(build_dir))
+
+
+STALE_LOCK_S = 1800
+"""A build lock older than this is taken as left by a killed build (torch waits on it forever)."""
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("moekit: removing a stale kernel build lock (%.0f min old): %s", age / 60, lock)
+        with contextlib.suppress(OSError):
+            lock.unlink()
 
 
 def load():
