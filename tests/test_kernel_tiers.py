@@ -74,9 +74,10 @@ def test_build_error_is_kept_and_fails_the_gate(monkeypatch):
 
 
 def test_broken_kernel_source_fails_not_skips(tmp_path):
-    """A real compile of a deliberately broken copy of the sources (a syntax error in
-    moe_cpu.cpp), under a throwaway module name and build dir: the build raises with the
-    compiler's message and the gate used by every kernel test fails on it. The real tree builds."""
+    """A real compile of a deliberately broken copy of the sources (a syntax error on the first
+    line of simd.h; -Wfatal-errors stops the compiler there, so this takes seconds), under a
+    throwaway module name and build dir: the build raises with the compiler's message and the
+    gate used by every kernel test fails on it. The real tree builds."""
     if not isa.supported_tiers():
         pytest.skip("not an x86 CPU with AVX2: no kernel tier")
     tier = isa.supported_tiers()[0]
@@ -84,10 +85,10 @@ def test_broken_kernel_source_fails_not_skips(tmp_path):
     src.mkdir()
     for f in kernels.SOURCES:
         shutil.copy(os.path.join(os.path.dirname(kernels.__file__), f), src / f)
-    text = (src / "moe_cpu.cpp").read_text()
-    (src / "moe_cpu.cpp").write_text(text.replace("namespace {", "namespace { int broken_on_purpose = ;", 1))
+    (src / "simd.h").write_text("int broken_on_purpose = ;\n" + (src / "simd.h").read_text())
     with pytest.raises(Exception) as info:
-        kernels.build(tier, name=f"moekit_broken_{os.getpid()}", src_dir=src, build_dir=tmp_path / "build")
+        kernels.build(tier, name=f"moekit_broken_{os.getpid()}", src_dir=src, build_dir=tmp_path / "build",
+                      extra_cflags=["-Wfatal-errors"])
     message = f"{type(info.value).__name__}: {info.value}"
     assert "broken_on_purpose" in message or "expected primary-expression" in message
     with pytest.raises(pytest.fail.Exception, match="broken_on_purpose|expected primary-expression"):
@@ -124,5 +125,10 @@ def test_row_thresholds_per_tier(monkeypatch):
         monkeypatch.setattr(isa, "cpu_flags", lambda t=t: flags[t])
         assert kernels.max_rows(torch.float32) == kernels._ROWS[t][torch.float32]
         assert kernels.max_linear_rows(torch.float32) == kernels._LINEAR_ROWS[t][torch.float32]
+    # fp32 activations with bf16 weights: no limit on any tier (PyTorch has no mixed GEMM)
+    assert kernels.max_rows(torch.float32, torch.bfloat16) == kernels.MIXED_ROWS
+    assert kernels.max_linear_rows(torch.float32, torch.bfloat16) == kernels.MIXED_ROWS
+    assert kernels.max_rows(torch.float32, torch.float32) == kernels._ROWS["avx512"][torch.float32]
     monkeypatch.setenv("MOEKIT_KERNEL_MAX_ROWS", "3")
     assert kernels.max_rows(torch.bfloat16) == 3 == kernels.max_linear_rows(torch.float32)
+    assert kernels.max_rows(torch.float32, torch.bfloat16) == 3

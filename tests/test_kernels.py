@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moekit import kernels
+from moekit.kernels import isa
 from moekit.moe import experts as experts_mod
 from moekit.config import MoEConfig
 from moekit.moe.dispatch import loop_reference
@@ -34,6 +35,14 @@ KERNEL_FNS = ("moe_experts", "moe_experts_topk", "moe_experts_packed", "moe_expe
 MODES = ["kernel", "split", "linear", "off"]
 """kernel: every expert in the kernel; split: experts with <= 2 rows in the kernel, the rest
 F.linear; linear: kernels built but never chosen; off: MOEKIT_KERNELS=0."""
+
+
+def tier_modes(modes: list[str]) -> list[tuple[str, str]]:
+    """(tier, mode) pairs: the modes that run kernels on every tier, the others (no kernel, or
+    kernels never chosen) on the CPU's best tier only."""
+    have = isa.supported_tiers()
+    best = have[-1] if have else "avx2"
+    return [(t, m) for m in modes for t in (isa.TIERS if m in ("kernel", "split") else (best,))]
 
 
 def _mode(monkeypatch, mode: str) -> CallCounter:
@@ -176,7 +185,7 @@ def test_decode_attention_matches_reference(dtype, B, H, G, d, L):
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["kernel", "off"])
+@pytest.mark.parametrize("kernel_tier,mode", tier_modes(["kernel", "off"]), indirect=["kernel_tier"])
 def test_bf16_cached_decode_matches_full_forward(monkeypatch, kernel_tier, mode):
     """bf16 decode through the cache (compiled attention kernel, or the PyTorch path with its
     rounded-up key window) gives the full forward's logits, past the 128-slot window edge."""
@@ -251,7 +260,7 @@ CFGS = {
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kernel_tier,mode", tier_modes(MODES), indirect=["kernel_tier"])
 @pytest.mark.parametrize("name", list(CFGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_inference_matches_loop_reference(monkeypatch, kernel_tier, mode, name, dtype):
@@ -271,7 +280,7 @@ def test_layer_inference_matches_loop_reference(monkeypatch, kernel_tier, mode, 
 
 
 @pytest.mark.parametrize("batched", [True, False])
-@pytest.mark.parametrize("mode", ["split", "linear", "off"])
+@pytest.mark.parametrize("kernel_tier,mode", tier_modes(["split", "linear", "off"]), indirect=["kernel_tier"])
 def test_both_combine_strategies(monkeypatch, kernel_tier, batched, mode):
     """The inference combines of F.linear experts agree with the loop: the compiled combine_rows
     pass when kernels are built (split, linear), else batched or per-expert (off)."""
@@ -289,7 +298,7 @@ def test_both_combine_strategies(monkeypatch, kernel_tier, batched, mode):
 
 
 @pytest.mark.parametrize("batched", [True, False])
-@pytest.mark.parametrize("mode", ["kernel", "split", "off"])
+@pytest.mark.parametrize("kernel_tier,mode", tier_modes(["kernel", "split", "off"]), indirect=["kernel_tier"])
 @pytest.mark.parametrize("policy", ["score", "position"])
 def test_capacity_inference_matches_training_path(monkeypatch, kernel_tier, batched, mode, policy):
     """Capacity drops: the fused inference path must drop exactly what dispatch+combine drops."""
@@ -307,7 +316,7 @@ def test_capacity_inference_matches_training_path(monkeypatch, kernel_tier, batc
     _ran(calls, mode)
 
 
-@pytest.mark.parametrize("mode", ["kernel", "split"])
+@pytest.mark.parametrize("kernel_tier,mode", tier_modes(["kernel", "split"]), indirect=["kernel_tier"])
 def test_training_autograd_unaffected(monkeypatch, kernel_tier, mode):
     """With kernels on, a training step still builds the graph and matches the reference grads."""
     calls = _mode(monkeypatch, mode)
@@ -328,7 +337,7 @@ def test_training_autograd_unaffected(monkeypatch, kernel_tier, mode):
     _ran(calls, mode)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kernel_tier,mode", tier_modes(MODES), indirect=["kernel_tier"])
 def test_grouped_experts_forward_no_grad_equals_grad_path(monkeypatch, kernel_tier, mode):
     calls = _mode(monkeypatch, mode)
     torch.manual_seed(4)
@@ -372,7 +381,7 @@ def test_silu_mul_matches_torch(dtype, S, F_):
 
 
 @pytest.mark.parametrize("batched", [True, False])
-@pytest.mark.parametrize("mode", ["kernel", "split", "off"])
+@pytest.mark.parametrize("kernel_tier,mode", tier_modes(["kernel", "split", "off"]), indirect=["kernel_tier"])
 def test_inference_under_autocast_matches_eager_autocast(monkeypatch, kernel_tier, batched, mode):
     """Eval inside the trainer runs no-grad under bf16 autocast with float32 weights: every
     inference path (buffers written with out=) must follow autocast's dtype and agree with the

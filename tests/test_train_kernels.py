@@ -112,7 +112,7 @@ def test_silu_mul_backward_matches_autograd(dtype):
     assert_close(kernels.silu_mul_backward(h, g).float(), a.grad.float(), **TOL[dtype])
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(E=st.integers(1, 6), k=st.integers(1, 4), T=st.integers(1, 40), D=st.sampled_from([8, 24, 40]),
        seed=st.integers(0, 10_000))
 def test_moe_training_kernels_equal_pytorch_path(E, k, T, D, seed):

@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,38 +67,45 @@ def has_amx() -> bool:
 
 
 # Rows per expert (max_rows) and per linear (max_linear_rows) up to which the kernels run, by tier
-# and activation dtype. avx512bf16 / amx: see max_rows. avx2 / avx512: the fp32 kernels against
-# MKL's sgemm (which takes a non-AVX-512 path on AMD CPUs) and bf16 against ATen's bf16 GEMM
-# without native bf16 (emulated on AVX-512, scalar on AVX2): measured indicatively (loaded
-# 2-core Zen 4, see max_rows), kept conservative.
+# and activation dtype. avx512bf16 / amx: see max_rows. avx2 / avx512 fp32: measured against
+# MKL/oneDNN capped at the same ISA (`python -m moekit.kernels.bench_tiers`, module docstring);
+# bf16 activations there: not measured (ATen's bf16 GEMM without native bf16 is emulated on
+# AVX-512 and scalar on AVX2, so the kernels take every size the tiles were built for).
 _ROWS = {
     "amx": {torch.bfloat16: GEMV_ROWS, torch.float32: 512},
     "avx512bf16": {torch.bfloat16: 64, torch.float32: 512},
-    "avx512": {torch.bfloat16: 512, torch.float32: 512},
-    "avx2": {torch.bfloat16: 512, torch.float32: 512},
+    "avx512": {torch.bfloat16: 512, torch.float32: 128},
+    "avx2": {torch.bfloat16: 512, torch.float32: 32},
 }
 _LINEAR_ROWS = {
     "amx": {torch.bfloat16: GEMV_ROWS, torch.float32: 128},
     "avx512bf16": {torch.bfloat16: 16, torch.float32: 128},
     "avx512": {torch.bfloat16: 128, torch.float32: 128},
-    "avx2": {torch.bfloat16: 128, torch.float32: 128},
+    "avx2": {torch.bfloat16: 128, torch.float32: 32},
 }
+MIXED_ROWS = 1 << 20
+"""Rows threshold for fp32 activations with bf16 weights on every tier: no limit, since PyTorch
+has no mixed-dtype GEMM and the alternative is an fp32 copy of the weights per call."""
 
 
-def _rows_threshold(dtype: torch.dtype, table: dict) -> int:
-    """MOEKIT_KERNEL_MAX_ROWS if set; else the tier's value for this activation dtype (0: off)."""
+def _rows_threshold(dtype: torch.dtype, table: dict, weight_dtype: torch.dtype | None) -> int:
+    """MOEKIT_KERNEL_MAX_ROWS if set; MIXED_ROWS for fp32 activations with bf16 weights; else the
+    tier's value for this activation dtype (0 where no tier applies)."""
     env = os.environ.get("MOEKIT_KERNEL_MAX_ROWS")
     if env:
         return int(env)
+    if dtype is torch.float32 and weight_dtype is torch.bfloat16:
+        return MIXED_ROWS
     t = isa.tier()
     if t not in table:
         return 0
     return table[t].get(dtype, table[t][torch.float32])
 
 
-def max_rows(dtype: torch.dtype) -> int:
+def max_rows(dtype: torch.dtype, weight_dtype: torch.dtype | None = None) -> int:
     """Rows per expert up to which the compiled kernel runs an expert FFN (MoE experts, and the
-    dense FFN as one expert) on this CPU tier; above it, F.linear (oneDNN bf16 / MKL fp32).
+    dense FFN as one expert) on this CPU tier, for activations of `dtype` (and weights of
+    `weight_dtype`, default the same); above it, F.linear (oneDNN bf16 / MKL fp32).
 
     avx512bf16: measured on AMD Zen 5 (AVX512-BF16, no AMX, 2 threads) with `python
     benchmarks/moe_layer.py --sweep-rows` (every expert of the block gets M rows, weights
@@ -105,33 +114,41 @@ def max_rows(dtype: torch.dtype) -> int:
     (compute-bound). bf16: the kernel wins up to 64 rows (Mixtral-style 15.2 vs 18.3 ms, 64-expert
     block 18.1 vs 19.0 ms) and ties or loses from 128. fp32: it wins at every size measured, up to
     512 rows (311 vs 366 ms), because MKL's sgemm takes a non-AVX-512 path on AMD CPUs. Hence 64
-    and 512. amx: bf16 falls to GEMV_ROWS (`has_amx`). avx2 / avx512 (no native bf16): the
-    kernel wins at every row count measured in fp32 (and bf16 has no fast ATen path there), so
-    512 for both; see `python -m moekit.kernels.bench_tiers` for the indicative measurement.
+    and 512. amx: bf16 falls to GEMV_ROWS (`has_amx`).
+
+    avx2 / avx512 fp32, indicative (AMD EPYC Zen 4 shared by other jobs, 1 thread, PyTorch's GEMMs
+    capped at the tier: `MOEKIT_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+    python -m moekit.kernels.bench_tiers --threads 1 --rows 1 8 32 64 128 512`, 8 experts, D 512,
+    F 704): avx2 wins 1.3-2x up to 32 rows and loses from 64 (0.86x); avx512 wins up to 128 rows
+    (1.13x) and ties at 512. Hence 32 and 128. bf16 activations on those tiers: 512 (see _ROWS).
+    fp32 activations with bf16 weights: no limit (MIXED_ROWS).
+
     Re-measure on other CPUs; override with MOEKIT_KERNEL_MAX_ROWS. Layers with packed weights
     (`pack_experts`) do not use this threshold: the packed kernel takes every expert above
     GEMV_ROWS rows.
     """
-    return _rows_threshold(dtype, _ROWS)
+    return _rows_threshold(dtype, _ROWS, weight_dtype)
 
 
-def max_linear_rows(dtype: torch.dtype) -> int:
+def max_linear_rows(dtype: torch.dtype, weight_dtype: torch.dtype | None = None) -> int:
     """Rows up to which `linear` (attention projections, LM head) beats F.linear on this CPU tier.
 
     avx512bf16, measured (interleaved, weights streamed, K=1024, N=1536 and 32000): bf16 wins at 8
     rows (1.72 vs 2.82 ms on the 32000-row head), ties at 16-32 and loses from 64 (oneDNN's GEMM
     without an expert's Python ops around it); fp32 wins at every size up to 128 rows (26 vs
-    55 ms), MKL on AMD again. avx2 / avx512: 128 (see max_rows). MOEKIT_KERNEL_MAX_ROWS overrides
-    this too.
+    55 ms), MKL on AMD again. avx2 / avx512 fp32 (indicative, as in max_rows; N 4096, K 512): avx2
+    wins 1.4-4.8x up to 32 rows, 0.83x at 64; avx512 1.16-5x at every size to 512. Hence 32 and
+    128. fp32 activations with bf16 weights: no limit. MOEKIT_KERNEL_MAX_ROWS overrides this too.
     """
-    return _rows_threshold(dtype, _LINEAR_ROWS)
+    return _rows_threshold(dtype, _LINEAR_ROWS, weight_dtype)
 
 
 def fused_ok(x_TD: torch.Tensor, act: str, module: torch.nn.Module, *weights: torch.Tensor) -> bool:
     """Whether a whole FFN block on these T rows may be one fused-kernel call: few enough rows
     that no expert exceeds `max_rows`, a kernel activation, no autograd graph through `module`'s
     parameters, and kernel-compatible tensors. Shared by the MoE layer and the dense FFN."""
-    if not 0 < x_TD.shape[0] <= max_rows(x_TD.dtype) or act not in ACTS:
+    w_dtype = weights[0].dtype if weights else None
+    if not 0 < x_TD.shape[0] <= max_rows(x_TD.dtype, w_dtype) or act not in ACTS:
         return False
     if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
         return False
@@ -193,21 +210,12 @@ def module_name(tier: str) -> str:
     return f"moekit_cpu_kernels_{BUILD_TIER[tier]}"
 
 
-def _cached_build_exists(name: str) -> bool:
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-
-        return any(Path(_get_build_directory(name, verbose=False)).glob("*.so"))
-    except Exception:
-        return False
-
-
 def build(tier: str, name: str | None = None, src_dir: str | Path | None = None,
-          build_dir: str | Path | None = None):
+          build_dir: str | Path | None = None, extra_cflags: list[str] | None = None):
     """Compile (or load the cached build of) the kernels for `tier` and return the module; raises
     with the compiler's message on failure. `name`, `src_dir` and `build_dir` default to the
     tier's module name, this package and torch's extension directory (tests build a broken copy
-    under throwaway ones)."""
+    under throwaway ones); `extra_cflags` are appended to the tier's flags."""
     from torch.utils.cpp_extension import load_inline
 
     bt = BUILD_TIER[tier]
@@ -221,18 +229,42 @@ def build(tier: str, name: str | None = None, src_dir: str | Path | None = None,
     # when *this* file is compiled with -fopenmp (without it every kernel ran on one core). GOMP
     # symbols resolve to the libgomp torch already loaded, so no second OpenMP runtime and no link flag.
     omp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
-    extra = {}
-    if build_dir is not None:
-        Path(build_dir).mkdir(parents=True, exist_ok=True)
-        extra["build_directory"] = str(build_dir)
-    elif not _cached_build_exists(name):
-        # Visible by default (WARNING reaches stderr without logging config): a first forward that
-        # pauses for half a minute must say why. A cached build loads in about a second.
-        log.warning("moekit: compiling CPU kernels for tier %s once (about 30-60 s, then cached; "
-                    "MOEKIT_KERNELS=0 skips)", bt)
-    return load_inline(name, cpp_sources=[src], functions=FUNCTIONS,
-                       extra_cflags=["-O3", *TIER_FLAGS[bt], f"-DMOEKIT_NS=moekit_{bt}", *omp],
-                       verbose=False, **extra)
+    cflags = ["-O3", *TIER_FLAGS[bt], f"-DMOEKIT_NS=moekit_{bt}", *omp, *(extra_cflags or [])]
+    if build_dir is None:
+        # One folder per source + flags version: checkouts with different kernel sources (worktrees,
+        # an installed copy) sharing torch's extension directory would otherwise rebuild the same
+        # folder in turn and wait on each other's lock.
+        from torch.utils.cpp_extension import _get_build_directory
+
+        digest = hashlib.sha1((src + " ".join(cflags)).encode()).hexdigest()[:12]
+        build_dir = Path(_get_build_directory(name, verbose=False)).with_name(f"{name}-{digest}")
+        if not any(build_dir.glob("*.so")):
+            # Visible by default (WARNING reaches stderr without logging config): a first forward
+            # that pauses for a minute must say why. A cached build loads in about a second.
+            log.warning("moekit: compiling CPU kernels for tier %s once (about 30-60 s, then cached; "
+                        "MOEKIT_KERNELS=0 skips)", bt)
+    build_dir = Path(build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(build_dir / "lock")
+    # simd.h includes torch/extension.h itself: without load_inline's implicit copy on top, a
+    # broken first line stops the compiler before the torch headers (the build-failure test).
+    return load_inline(name, cpp_sources=[src], functions=FUNCTIONS, no_implicit_headers=True,
+                       extra_cflags=cflags, verbose=False, build_directory=str(build_dir))
+
+
+STALE_LOCK_S = 1800
+"""A build lock older than this is taken as left by a killed build (torch waits on it forever)."""
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("moekit: removing a stale kernel build lock (%.0f min old): %s", age / 60, lock)
+        with contextlib.suppress(OSError):
+            lock.unlink()
 
 
 def load():
