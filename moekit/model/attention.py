@@ -101,7 +101,7 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     inputs (at most `kernels.max_linear_rows` rows, no autograd): oneDNN's bf16 GEMV reads weights at about
     half the DRAM bandwidth and decode is bandwidth-bound, so this is where decode time goes."""
     if (x.device.type == "cpu" and not torch.is_grad_enabled()
-            and x.numel() <= kernels.max_linear_rows(x.dtype) * x.shape[-1]):
+            and x.numel() <= kernels.max_linear_rows(x.dtype, w.dtype) * x.shape[-1]):
         if kernels.usable(x, w):
             y = kernels.linear(x, w)
             return (y if b is None else y + b).to(x.dtype)

@@ -355,7 +355,7 @@ class GroupedExperts(nn.Module):
         """Row counts of the experts the compiled kernel takes (0 = not the kernel's)."""
         if self.act not in kernels.ACTS or not kernels.usable(x_SD, self.w13, self.w2):
             return [0] * len(counts)
-        limit = kernels.max_rows(x_SD.dtype)
+        limit = kernels.max_rows(x_SD.dtype, self.w13.dtype)
         return [n if n <= limit else 0 for n in counts]
 
     def _kernel(self, x_SD: torch.Tensor, counts: list[int], small: list[int], dst_S: torch.Tensor | None,
