@@ -13,6 +13,9 @@ cd "$(dirname "$0")/.."
 OUT=benchmarks/results/tier-$TIER
 mkdir -p "$OUT"
 export MOEKIT_CPU_ISA=$TIER PYTHONPATH=${LLAMA_PYTHONPATH:-}${LLAMA_PYTHONPATH:+:}${PYTHONPATH:-}
+# Cap oneDNN, MKL and ATen at the tier in every process (moekit does it itself only when it is
+# imported before torch; the benchmark scripts import torch first).
+eval "$(python -c "from moekit._cpuenv import library_caps; print(' '.join(f'export {k}={v}' for k, v in library_caps('$TIER').items()))")"
 python -m moekit doctor --json > "$OUT/doctor.json"
 # 1. training step, precision auto (fp32 where bf16 is not native), small-moe B16 x S256
 python benchmarks/train_step.py --rounds "$ROUNDS" --steps 2 --warmup 1 --out "$OUT/train_step"
