@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from moekit import kernels
-from moekit.config import MoEConfig
 from moekit.errors import MoekitError
 from moekit.moe import backends
 from moekit.moe.layer import MoELayer, pack_experts
+from test_moe import make_layer as _make_layer
 
 ROUTERS = {
     "mixtral": dict(router="topk_softmax", top_k=2),
@@ -41,14 +41,7 @@ def close(out, ref, dtype):
 
 
 def make_layer(seed=0, D=32, E=8, F=16, dtype=torch.float32, **kw) -> MoELayer:
-    torch.manual_seed(seed)
-    layer = MoELayer(D, MoEConfig(num_experts=E, expert_dim=F, **kw))
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(0, 0.3)
-        if layer.router.score_bias is not None:
-            layer.router.score_bias.normal_(0, 0.1)
-    return layer.to(dtype).eval()
+    return _make_layer(seed=seed, D=D, E=E, F=F, **kw).to(dtype).eval()
 
 
 def _run(layer, x, name):

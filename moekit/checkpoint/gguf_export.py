@@ -113,6 +113,41 @@ def _placeholder_vocab(n: int) -> tuple[list[str], list[float], list[int]]:
     return tokens, [0.0] * n, [int(t) for t in types]
 
 
+def new_writer(gguf, tmp, cfg, arch: str, name: str | None, file_type):
+    """A GGUFWriter with the model's header and the placeholder vocabulary written: the part every
+    GGUF export of a moekit model shares (plain weights here, quantized ones in moekit.quant)."""
+    w = gguf.GGUFWriter(str(tmp), arch)
+    w.add_name(name or cfg.name or "moekit-model")
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.ffn_dim if cfg.moe is None else cfg.moe.expert_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.kv_heads)
+    w.add_key_length(cfg.hd)
+    w.add_value_length(cfg.hd)
+    w.add_rope_dimension_count(cfg.hd)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(file_type)
+    if cfg.moe is not None:
+        w.add_expert_count(cfg.moe.num_experts)
+        w.add_expert_used_count(cfg.moe.top_k)
+        if arch == "qwen3moe":
+            w.add_expert_feed_forward_length(cfg.moe.expert_dim)
+    tokens, scores, types = _placeholder_vocab(cfg.vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(False)
+    return w
+
+
 def export_gguf(model, out: str | Path, name: str | None = None) -> Path:
     """Write `model` as one .gguf file (`out` is the file, or a directory to hold `model.gguf`)."""
     # Plan: 1. check the layout and pick the arch; 2. hyperparameters + placeholder vocab as KV
@@ -129,35 +164,8 @@ def export_gguf(model, out: str | Path, name: str | None = None) -> Path:
     mat_dtype = torch.float32 if model.dtype == torch.float32 else torch.bfloat16
 
     def write(tmp: Path) -> None:
-        w = gguf.GGUFWriter(str(tmp), arch)
-        w.add_name(name or cfg.name or "moekit-model")
-        w.add_context_length(cfg.max_seq_len)
-        w.add_embedding_length(cfg.dim)
-        w.add_block_count(cfg.n_layers)
-        w.add_feed_forward_length(cfg.ffn_dim if cfg.moe is None else cfg.moe.expert_dim)
-        w.add_head_count(cfg.n_heads)
-        w.add_head_count_kv(cfg.kv_heads)
-        w.add_key_length(cfg.hd)
-        w.add_value_length(cfg.hd)
-        w.add_rope_dimension_count(cfg.hd)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_layer_norm_rms_eps(cfg.norm_eps)
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_file_type(gguf.LlamaFileType.ALL_F32 if mat_dtype == torch.float32 else gguf.LlamaFileType.MOSTLY_BF16)
-        if cfg.moe is not None:
-            w.add_expert_count(cfg.moe.num_experts)
-            w.add_expert_used_count(cfg.moe.top_k)
-            if arch == "qwen3moe":
-                w.add_expert_feed_forward_length(cfg.moe.expert_dim)
-        tokens, scores, types = _placeholder_vocab(cfg.vocab_size)
-        w.add_tokenizer_model("llama")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_unk_token_id(0)
-        w.add_add_bos_token(False)
+        w = new_writer(gguf, tmp, cfg, arch, name,
+                       gguf.LlamaFileType.ALL_F32 if mat_dtype == torch.float32 else gguf.LlamaFileType.MOSTLY_BF16)
         for tname, t in _tensors(model, arch, mat_dtype):
             t = t.detach().contiguous().cpu()
             if t.dtype == torch.bfloat16:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moekit.checkpoint.gguf_export import _permute, _placeholder_vocab, gguf_arch
+from moekit.checkpoint.gguf_export import _permute, gguf_arch, new_writer
 from moekit.checkpoint.native import atomic_write
 from moekit.quant.config import QuantError
 from moekit.quant.modules import QuantizedDenseFFN, QuantizedExperts, QuantizedLinear, QuantizedTensor
@@ -126,35 +126,7 @@ def export_quantized_gguf(model, out: str | Path, name: str | None = None) -> Pa
              "mxfp4": getattr(gguf.LlamaFileType, "MOSTLY_MXFP4_MOE", gguf.LlamaFileType.MOSTLY_Q4_0)}
 
     def write(tmp) -> None:
-        w = gguf.GGUFWriter(str(tmp), arch)
-        w.add_name(name or cfg.name or "moekit-model")
-        w.add_context_length(cfg.max_seq_len)
-        w.add_embedding_length(cfg.dim)
-        w.add_block_count(cfg.n_layers)
-        w.add_feed_forward_length(cfg.ffn_dim if cfg.moe is None else cfg.moe.expert_dim)
-        w.add_head_count(cfg.n_heads)
-        w.add_head_count_kv(cfg.kv_heads)
-        w.add_key_length(cfg.hd)
-        w.add_value_length(cfg.hd)
-        w.add_rope_dimension_count(cfg.hd)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_layer_norm_rms_eps(cfg.norm_eps)
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_file_type(ftype[model.quant_config.scheme])
-        if cfg.moe is not None:
-            w.add_expert_count(cfg.moe.num_experts)
-            w.add_expert_used_count(cfg.moe.top_k)
-            if arch == "qwen3moe":
-                w.add_expert_feed_forward_length(cfg.moe.expert_dim)
-        tokens, scores, types = _placeholder_vocab(cfg.vocab_size)
-        w.add_tokenizer_model("llama")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_unk_token_id(0)
-        w.add_add_bos_token(False)
+        w = new_writer(gguf, tmp, cfg, arch, name, ftype[model.quant_config.scheme])
         for tname, t in _qtensors(model, arch, mat_dtype):
             if isinstance(t, tuple):
                 w.add_tensor(tname, t[0], raw_dtype=t[1])
