@@ -46,7 +46,7 @@ def _prepare(model: str, dtype: torch.dtype, seed: int, engines: list[str], tmp:
     from moekit.checkpoint.native import CheckpointError
     from moekit.inference.cli import load_for_inference
 
-    m = load_for_inference(model, str(dtype).removeprefix("torch."), seed)
+    m = load_for_inference(model, str(dtype).removeprefix("torch."), seed, storage_only=True)
     cfg = m.config
     paths, skipped = {}, {}
     native = tmp / "moekit"

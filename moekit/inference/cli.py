@@ -21,8 +21,10 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_for_inference(model: str, dtype: str = "auto", seed: int = 0):
-    """A model directory / .gguf file, or a preset name (random init from `seed`), in eval mode."""
+def load_for_inference(model: str, dtype: str = "auto", seed: int = 0, storage_only: bool = False):
+    """A model directory / .gguf file, or a preset name (random init from `seed`), in eval mode.
+    `storage_only`: just cast the weights to `dtype` (e.g. to export them for other engines), without
+    the compute-dtype policy."""
     import moekit
 
     from moekit.precision import apply_inference_policy
@@ -35,6 +37,8 @@ def load_for_inference(model: str, dtype: str = "auto", seed: int = 0):
         m = moekit.build_model(cfg, seed=seed)
     # auto: as stored where the CPU computes that dtype natively; bf16/fp16 weights on a CPU without
     # native bf16 compute in fp32 (moekit.precision.apply_inference_policy). Explicit: as given.
+    if storage_only:
+        return (m if dtype == "auto" else m.to(DTYPES[dtype])).eval()
     apply_inference_policy(m, dtype)
     return m.eval()
 
@@ -153,7 +157,7 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
     tok = load_tokenizer(model) or getattr(m, "tokenizer", None)
     prompts = [encode(prompt, tok)] if prompt is not None else _read_prompts(Path(prompts_file), tok)
     engine = Engine(m, max_batch_size=batch_size, pack_experts=pack_experts, skip_beta=skip_beta,
-                    skip_alpha=skip_alpha)
+                    skip_alpha=skip_alpha, precision=dtype)
     if pack_experts and not engine.packed_bytes:
         log.warning("--pack-experts: nothing packed (needs bf16 or fp32 MoE weights on a CPU with the moekit kernels)")
 
