@@ -23,10 +23,8 @@ def _kernel_facts(build: bool) -> dict[str, Any]:
                            in ("0", "false", "off", "no")}
     if build:
         out["built"] = bool(kernels.available())
-    tier = getattr(kernels, "tier", None)
-    out["tier"] = tier() if callable(tier) else isa.tier()
-    err = getattr(kernels, "build_error", None)
-    out["error"] = err() if callable(err) else getattr(kernels, "_failed", None)
+    out["tier"] = kernels.tier() if build else isa.tier()
+    out["error"] = kernels.build_error()
     return out
 
 
@@ -129,11 +127,12 @@ def doctor_cli(json: bool = False, build: bool = True) -> int:
         print(_json.dumps(f, indent=1))
     else:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         t = Table(title="moekit doctor", show_header=False)
         for line in markdown(f).splitlines()[2:]:
             a, b = line.strip("|").split(" | ", 1)
-            t.add_row(a.strip(), b.strip(" |"))
+            t.add_row(escape(a.strip()), escape(b.strip(" |")))  # "[avx2]" is not rich markup
         Console().print(t)
     return 0

@@ -53,6 +53,8 @@ class ExpertCall:
     topk_ids_TK: torch.Tensor
     topk_weights_TK: torch.Tensor
     """float32 combine weights (routing math stays in float32)."""
+    packed: object = None
+    """The packed expert weights `cpu-packed` found while checking the call (reused by its run)."""
 
     @property
     def cfg(self):
@@ -92,9 +94,12 @@ class ExpertBackend:
         """-> (out_TD in x's dtype, dropped assignments as an int64 scalar)."""
         raise NotImplementedError
 
+    uses_kernels = False
+    """Runs moekit's compiled CPU kernels (its description then names their ISA tier)."""
+
     def describe(self) -> str:
-        """Name plus what it runs on now (e.g. the compiled kernels' ISA tier)."""
-        return self.name
+        """Name plus what it runs on now (the compiled kernels' ISA tier for kernel backends)."""
+        return f"{self.name}[{kernels.tier()}]" if self.uses_kernels else self.name
 
 
 def _zero(x: torch.Tensor) -> torch.Tensor:
@@ -137,26 +142,27 @@ class ReferenceBackend(ExpertBackend):
 
 class CpuPackedBackend(ExpertBackend):
     name = "cpu-packed"
+    uses_kernels = True
 
     def why_not(self, call):
         r = _local_cpu_grouped(call) or _dropless_output_weights(call)
         if r:
             return r
-        if call.experts.packed_for(call.x_TD) is None:
-            return "no packed copy for these rows (call moekit.pack_experts(model); dtype must match)"
+        call.packed = call.experts.packed_for(call.x_TD)
+        if call.packed is None:
+            return ("no packed copy for these rows (call moekit.pack_experts(model); rows must be the packed "
+                    "dtype, or fp32 on bf16 weights)")
         return None
 
     def run(self, call):
-        packed = call.experts.packed_for(call.x_TD)
+        packed = call.packed if call.packed is not None else call.experts.packed_for(call.x_TD)
         out = kernels.moe_experts_topk_packed(call.x_TD, call.topk_ids_TK, call.topk_weights_TK, packed)
         return out.to(call.x_TD.dtype), _zero(call.x_TD)
-
-    def describe(self):
-        return f"{self.name}[{kernels.tier()}]" if hasattr(kernels, "tier") else self.name
 
 
 class CpuFusedTopkBackend(ExpertBackend):
     name = "cpu-fused-topk"
+    uses_kernels = True
 
     def why_not(self, call):
         r = _local_cpu_grouped(call) or _dropless_output_weights(call)
@@ -173,9 +179,6 @@ class CpuFusedTopkBackend(ExpertBackend):
         out = kernels.moe_experts_topk(call.x_TD, call.topk_ids_TK, call.topk_weights_TK, ex.w13, ex.w2, ex.act)
         return out.to(call.x_TD.dtype), _zero(call.x_TD)
 
-    def describe(self):
-        return f"{self.name}[{kernels.tier()}]" if hasattr(kernels, "tier") else self.name
-
 
 def _dispatch(call: ExpertCall):
     """Prepare: rows grouped by expert. Under CPU autocast, cast the tokens once before the gather
@@ -189,6 +192,7 @@ def _dispatch(call: ExpertCall):
 
 class CpuGroupedBackend(ExpertBackend):
     name = "cpu-grouped"
+    uses_kernels = True
 
     def why_not(self, call):
         return _local_cpu_grouped(call)
@@ -199,9 +203,6 @@ class CpuGroupedBackend(ExpertBackend):
         out = call.experts.forward_combine(d.x_SD, d.counts_E, d.rows_S, w_S, d.num_tokens, d.top_k)
         return out.to(call.x_TD.dtype), d.dropped
 
-    def describe(self):
-        t = kernels.tier() if hasattr(kernels, "tier") else ("on" if kernels.available() else "off")
-        return f"{self.name}[{t}]"
 
 
 class TorchBackend(ExpertBackend):
