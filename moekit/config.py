@@ -27,7 +27,11 @@ ROUTERS = ("topk_softmax", "softmax_topk", "sigmoid_topk", "soft")
   group-limited, weights optionally renormalised and scaled (DeepSeek-V3, Llama 4 with k=1).
 - ``soft``: every expert runs, outputs mixed by the full softmax (dense "soft MoE" baseline).
 """
-EXPERT_ACTS = ("swiglu", "geglu", "gelu")
+EXPERT_ACTS = ("swiglu", "geglu", "gelu", "clamped_swiglu")
+"""`clamped_swiglu` is gpt-oss's: gate clamped above at `swiglu_limit`, up clamped to +-limit,
+out = (up + 1) * gate * sigmoid(swiglu_alpha * gate)."""
+GATED_ACTS = ("swiglu", "geglu", "clamped_swiglu")
+"""Activations whose first projection is fused gate + up ([2F, D], gate rows first)."""
 DROP_POLICIES = ("score", "position")
 GROUP_SCORES = ("top2_sum", "max")
 ATTENTIONS = ("gqa", "mla")
@@ -85,6 +89,12 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     seq_aux_loss: bool = False
     """Compute the balance loss per sequence and average (DeepSeek-V3's sequence-wise loss)."""
+    expert_bias: bool = False
+    """Biases on every routed expert's projections: b13 [E, H] and b2 [E, D] (gpt-oss)."""
+    swiglu_alpha: float = 1.702
+    """Sigmoid gain of `clamped_swiglu` (unused by the other activations)."""
+    swiglu_limit: float = 7.0
+    """Clamp of `clamped_swiglu`: gate <= limit, -limit <= up <= limit."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -124,10 +134,13 @@ class MoEConfig:
             _fail("moe.top_k", "the soft router runs every expert: set top_k = num_experts")
         if not 0 <= self.jitter_eps < 1:
             _fail("moe.jitter_eps", f"must be in [0, 1), got {self.jitter_eps}")
+        if self.expert_act == "clamped_swiglu" and not (self.swiglu_limit > 0 and self.swiglu_alpha > 0):
+            _fail("moe.swiglu_limit", f"clamped_swiglu needs swiglu_limit > 0 and swiglu_alpha > 0, got "
+                  f"{self.swiglu_limit} / {self.swiglu_alpha}")
 
     @property
     def gated(self) -> bool:
-        return self.expert_act in ("swiglu", "geglu")
+        return self.expert_act in GATED_ACTS
 
 
 @dataclass
@@ -174,6 +187,15 @@ class ModelConfig:
     """Llama 4: on no-RoPE layers scale q by 1 + attn_scale * log1p(floor((pos + 1) / floor_scale))."""
     floor_scale: float = 8192.0
     attn_scale: float = 0.1
+    sliding_window: int | None = None
+    """Sliding-window attention on the layers in `sliding_layers`: a query at position p sees keys at
+    p - sliding_window < k <= p (HF's rule). None = full causal attention everywhere."""
+    sliding_layers: list[int] = field(default_factory=list)
+    """Layers that use the sliding window (gpt-oss: every other layer, from HF `layer_types`)."""
+    attn_sinks: bool = False
+    """A learned per-head logit added to the softmax denominator (gpt-oss `sinks` [H])."""
+    attn_out_bias: bool = False
+    """Bias on the attention output projection (gpt-oss `o_proj.bias`)."""
     moe: MoEConfig | None = None
     first_k_dense: int = 0
     """The first k layers use a dense FFN (DeepSeek `first_k_dense_replace`)."""
@@ -240,6 +262,16 @@ class ModelConfig:
                 _fail("rope_scaling.rope_type", f"unsupported {rt!r}; supported: {', '.join(ROPE_TYPES)}")
         if self.attention_chunk_size is not None and self.attention_chunk_size < 1:
             _fail("attention_chunk_size", f"must be >= 1 or null, got {self.attention_chunk_size}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            _fail("sliding_window", f"must be >= 1 or null, got {self.sliding_window}")
+        if bool(self.sliding_layers) != (self.sliding_window is not None):
+            _fail("sliding_layers", "set sliding_window together with the list of layers that use it "
+                  f"(got sliding_window={self.sliding_window}, sliding_layers={self.sliding_layers})")
+        bad = [i for i in self.sliding_layers if not 0 <= i < self.n_layers]
+        if bad:
+            _fail("sliding_layers", f"layer indices {bad} are outside 0..n_layers-1={self.n_layers - 1}")
+        if (self.sliding_window is not None or self.attn_sinks or self.attn_out_bias) and self.attention != "gqa":
+            _fail("attention", "sliding_window, attn_sinks and attn_out_bias need grouped-query attention (gqa)")
         if self.moe_every < 1:
             _fail("moe_every", f"must be >= 1, got {self.moe_every}")
         if not 0 <= self.first_k_dense <= self.n_layers:

@@ -183,7 +183,7 @@ def load_hf(path: str | Path, dtype: torch.dtype | str | None = None, device: st
     reader = SafetensorsReader(path)
     keys = reader.keys()
     plan = arch.plan_fn(cfg, d, keys)
-    model = build_meta(cfg)
+    model = arch.build_fn(cfg, d, keys) if arch.build_fn is not None else build_meta(cfg)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if dtype is None:

@@ -41,17 +41,22 @@ class HFArchitecture:
     export_config_fn: ExportConfigFn | None = None
     ignore_fn: Callable[[str], bool] | None = None
     """Checkpoint tensors to skip silently (e.g. DeepSeek's MTP layer, old rotary caches)."""
+    build_fn: Callable[..., Any] | None = None
+    """build_fn(cfg, hf: dict, keys: set[str]) -> the meta-device model to load into (default: a
+    plain `Transformer`); gpt-oss swaps in MXFP4 experts when the checkpoint stores them so."""
 
 
 _REGISTRY: dict[str, HFArchitecture] = {}
-_PLUGINS = ("moekit.checkpoint.hf_family", "moekit.checkpoint.hf_deepseek", "moekit.checkpoint.hf_llama4")
+_PLUGINS = ("moekit.checkpoint.hf_family", "moekit.checkpoint.hf_deepseek", "moekit.checkpoint.hf_llama4",
+            "moekit.checkpoint.hf_gpt_oss")
 
 
 def register_architecture(name: str, model_type: str, config_fn: ConfigFn, plan_fn: PlanFn,
                           export_config_fn: ExportConfigFn | None = None,
-                          ignore_fn: Callable[[str], bool] | None = None) -> HFArchitecture:
+                          ignore_fn: Callable[[str], bool] | None = None,
+                          build_fn: Callable[..., Any] | None = None) -> HFArchitecture:
     """Register an HF architecture (call at import time of the module that implements it)."""
-    arch = HFArchitecture(name, model_type, config_fn, plan_fn, export_config_fn, ignore_fn)
+    arch = HFArchitecture(name, model_type, config_fn, plan_fn, export_config_fn, ignore_fn, build_fn)
     _REGISTRY[name] = arch
     return arch
 

@@ -41,6 +41,9 @@ class Piece:
     """Shape-preserving HF -> moekit row permutation (rope de-interleave), after any transpose."""
     inv: Fn | None = None
     """moekit -> HF (the inverse of `fwd`)."""
+    src_shape: tuple[int, ...] | None = None
+    """The HF tensor's shape (after `src_index`) when `fwd` changes the shape: a re-layout such as
+    gpt-oss's MXFP4 blocks [O, I/32, 16] -> moekit's packed codes [O, I/2]."""
 
 
 Plan = dict[str, list[Piece]]
@@ -159,15 +162,16 @@ def load_with_plan(model, plan: Plan, reader: ShardedReader, dtype: torch.dtype 
     out = {}
     for key, pieces in plan.items():
         meta = sd_meta[key]
-        # The routing selection bias stays float32 whatever the model dtype (see moe/router.py).
-        dt = torch.float32 if key.endswith("score_bias") else dtype
+        # The routing selection bias stays float32 whatever the model dtype (see moe/router.py);
+        # integer tensors (quantized codes and scales) keep the dtype the model declares.
+        dt = torch.float32 if key.endswith("score_bias") else dtype if meta.is_floating_point() else meta.dtype
         dest = torch.empty(meta.shape, dtype=dt)
         for p in pieces:
             view = dest if p.expert is None else dest[p.expert]
             if p.rows is not None:
                 view = view[p.rows[0]:p.rows[1]]
             # Check the shape from the header before reading (names the HF tensor, in HF layout).
-            want = tuple(view.shape)[::-1] if p.transpose else tuple(view.shape)
+            want = p.src_shape or (tuple(view.shape)[::-1] if p.transpose else tuple(view.shape))
             got = reader.shape(p.hf_key)
             if p.src_index is not None:
                 if not got or got[0] <= p.src_index:

@@ -1,7 +1,11 @@
 """Norms, grouped-query attention and the preallocated KV cache.
 
 Shape legend: B batch, S new tokens, L keys attended (cache prefix + new), D model dim,
-H query heads, G kv heads, Dh head dim, M max cache length.
+H query heads, G kv heads, R = H / G query heads per kv head, Dh head dim, M max cache length.
+
+Key slots are positions (a cache writes token p at slot p), so every local-attention rule is a
+mask over slots: Llama 4's chunks and gpt-oss's sliding window restrict the same causal mask, in
+prefill and in cached decode alike.
 """
 
 from __future__ import annotations
@@ -94,6 +98,30 @@ def chunked_mask(pos_BS: torch.Tensor, n_keys: int, chunk: int, mask_B1SL: torch
     m = (k_L <= q) & (k_L // chunk == q // chunk)
     m = m.unsqueeze(1)
     return m if mask_B1SL is None else (m & mask_B1SL)
+
+
+def window_mask(pos_BS: torch.Tensor, n_keys: int, window: int, mask_B1SL: torch.Tensor | None) -> torch.Tensor:
+    """Boolean [B, 1, S, L] mask: causal and key within the window, p - window < k <= p (HF's
+    sliding-window rule: a query sees itself and the window - 1 keys before it)."""
+    k_L = torch.arange(n_keys, device=pos_BS.device)
+    q = pos_BS.unsqueeze(-1)  # [B, S, 1]
+    m = ((k_L <= q) & (k_L > q - window)).unsqueeze(1)
+    return m if mask_B1SL is None else (m & mask_B1SL)
+
+
+def sink_attention(q_BHSd: torch.Tensor, k_BGLd: torch.Tensor, v_BGLd: torch.Tensor, mask_B1SL: torch.Tensor,
+                   sinks_H: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention with a learned sink logit per head (gpt-oss): softmax over [scores | sink], the
+    sink column dropped before the values, so each row's weights sum to less than 1 and a head can
+    attend to "nothing". float32 scores and softmax, as SDPA's math path; GQA by broadcasting."""
+    B, H, S, d = q_BHSd.shape
+    G, L = k_BGLd.shape[1], k_BGLd.shape[2]
+    q_BGRSd = q_BHSd.reshape(B, G, H // G, S, d)
+    s_BGRSL = torch.matmul(q_BGRSd, k_BGLd.to(q_BHSd.dtype).unsqueeze(2).transpose(-1, -2)).float() * scale
+    s_BGRSL = s_BGRSL.masked_fill(~mask_B1SL.reshape(B, 1, 1, S, L), float("-inf"))
+    sink_BGRS1 = sinks_H.float().view(1, G, H // G, 1, 1).expand(B, G, H // G, S, 1)
+    p_BGRSL = torch.cat([s_BGRSL, sink_BGRS1], dim=-1).softmax(-1)[..., :L].to(v_BGLd.dtype)
+    return torch.matmul(p_BGRSL, v_BGLd.unsqueeze(2)).view(B, H, S, d).to(q_BHSd.dtype)
 
 
 def decode_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -196,7 +224,7 @@ class Attention(nn.Module):
         self.q_out, self.kv_out = q_out, kv_out
         # One fused projection: a single GEMM (GEMV at decode) instead of three.
         self.wqkv = nn.Linear(cfg.dim, q_out + 2 * kv_out, bias=cfg.attn_bias)
-        self.wo = nn.Linear(q_out, cfg.dim, bias=False)
+        self.wo = nn.Linear(q_out, cfg.dim, bias=cfg.attn_out_bias)
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:
             nd_q, nd_k = (q_out, kv_out) if cfg.qk_norm_full else (self.hd, self.hd)
@@ -208,6 +236,12 @@ class Attention(nn.Module):
         self.qk_l2_eps = cfg.norm_eps if (cfg.qk_l2_norm and self.use_rope) else None
         self.chunk = cfg.attention_chunk_size if self.use_rope else None
         self.temp_tuning = (cfg.floor_scale, cfg.attn_scale) if (cfg.attn_temperature_tuning and not self.use_rope) else None
+        # gpt-oss extras: a sliding window on some layers, a sink logit per head (zeros = a sink
+        # logit of 0, i.e. one extra unit in every softmax denominator until trained or loaded).
+        self.window = cfg.sliding_window if layer_idx in cfg.sliding_layers else None
+        self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if cfg.attn_sinks else None
+        self.local = self.chunk is not None or self.window is not None
+        """A layer-built mask restricts the causal one (the causal-only fast paths do not apply)."""
 
     def init_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (batch, self.n_kv, max_len, self.hd)
@@ -238,7 +272,11 @@ class Attention(nn.Module):
             q_BHSd = (q_BHSd * t_BS.view(B, 1, S, 1)).to(q_BHSd.dtype)
         if self.chunk is not None:
             mask_B1SL = chunked_mask(pos_BS, seen if cache is not None else S, self.chunk, mask_B1SL)
-        if cache is None and mask_B1SL is not None:
+        if self.window is not None:
+            mask_B1SL = window_mask(pos_BS, seen if cache is not None else S, self.window, mask_B1SL)
+        if self.sinks is not None:
+            o = self._sink_forward(q_BHSd, k_BGSd, v_BGSd, pos_BS, cache, mask_B1SL, seen)
+        elif cache is None and mask_B1SL is not None:
             o = F.scaled_dot_product_attention(q_BHSd, k_BGSd, v_BGSd, attn_mask=mask_B1SL, scale=self.scale,
                                                enable_gqa=self.n_kv != self.n_heads)
         elif cache is None and (S > 1 and q_BHSd.device.type == "cpu" and torch.is_grad_enabled()
@@ -248,22 +286,18 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q_BHSd, k_BGSd, v_BGSd, is_causal=S > 1, scale=self.scale,
                                                enable_gqa=self.n_kv != self.n_heads)
         else:
-            kc, vc = cache
-            # Index assignment, not scatter_: bf16 scatter_ takes a slow path on CPU (~25x slower).
-            b_B1 = torch.arange(B, device=kc.device).view(B, 1)
-            kc[b_B1, :, pos_BS] = k_BGSd.transpose(1, 2).to(kc.dtype)
-            vc[b_B1, :, pos_BS] = v_BGSd.transpose(1, 2).to(vc.dtype)
-            if seen == S and self.chunk is None:
+            kc, vc = self._write_cache(cache, k_BGSd, v_BGSd, pos_BS)
+            if seen == S and not self.local:
                 # Prefill into an empty cache: positions are 0..S-1 in every row (right padding), so
                 # plain causal attention on the new keys is exact and ~1.5x faster than a mask.
                 o = F.scaled_dot_product_attention(q_BHSd, k_BGSd, v_BGSd, is_causal=S > 1, scale=self.scale,
                                                    enable_gqa=self.n_kv != self.n_heads)
-            elif S == 1 and self.chunk is None and _kernel_attention(q_BHSd, kc, vc):
+            elif S == 1 and not self.local and _kernel_attention(q_BHSd, kc, vc):
                 o = kernels.decode_attention(q_BHSd.reshape(B, self.n_heads, self.hd), kc, vc, pos_BS[:, 0],
                                              self.scale).to(q_BHSd.dtype).view(B, self.n_heads, 1, self.hd)
             elif S == 1:
                 L, mask_B1SL = seen, mask_B1SL
-                if q_BHSd.dtype == torch.bfloat16 and q_BHSd.device.type == "cpu" and self.chunk is None:
+                if q_BHSd.dtype == torch.bfloat16 and q_BHSd.device.type == "cpu" and not self.local:
                     # A key window rounded up to KEY_WINDOW slots (the extra ones masked): oneDNN
                     # builds a new bf16 matmul primitive for every new shape (~0.1 ms, twice per
                     # layer per step), so a length growing by one each step costs more than the
@@ -276,4 +310,27 @@ class Attention(nn.Module):
                 o = F.scaled_dot_product_attention(q_BHSd, kc[:, :, :seen].to(q_BHSd.dtype),
                                                    vc[:, :, :seen].to(q_BHSd.dtype), attn_mask=mask_B1SL,
                                                    scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
-        return decode_linear(o.transpose(1, 2).reshape(B, S, -1), self.wo.weight)
+        return decode_linear(o.transpose(1, 2).reshape(B, S, -1), self.wo.weight, self.wo.bias)
+
+    @staticmethod
+    def _write_cache(cache: tuple[torch.Tensor, torch.Tensor], k_BGSd: torch.Tensor, v_BGSd: torch.Tensor,
+                     pos_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values at their positions; returns the (whole) caches."""
+        kc, vc = cache
+        # Index assignment, not scatter_: bf16 scatter_ takes a slow path on CPU (~25x slower).
+        b_B1 = torch.arange(k_BGSd.shape[0], device=kc.device).view(-1, 1)
+        kc[b_B1, :, pos_BS] = k_BGSd.transpose(1, 2).to(kc.dtype)
+        vc[b_B1, :, pos_BS] = v_BGSd.transpose(1, 2).to(vc.dtype)
+        return kc, vc
+
+    def _sink_forward(self, q_BHSd, k_BGSd, v_BGSd, pos_BS, cache, mask_B1SL, seen) -> torch.Tensor:
+        """Attention with sinks, with or without a cache (one math path: SDPA has no sink term)."""
+        S = q_BHSd.shape[2]
+        if cache is not None:
+            kc, vc = self._write_cache(cache, k_BGSd, v_BGSd, pos_BS)
+            k_BGSd, v_BGSd = kc[:, :, :seen], vc[:, :, :seen]
+        if mask_B1SL is None:  # no cache, full attention: plain causal
+            mask_B1SL = torch.ones(S, S, dtype=torch.bool, device=q_BHSd.device).tril_().view(1, 1, S, S)
+        B = q_BHSd.shape[0]
+        return sink_attention(q_BHSd, k_BGSd, v_BGSd, mask_B1SL.expand(B, 1, S, k_BGSd.shape[2]), self.sinks,
+                              self.scale)

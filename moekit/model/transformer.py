@@ -93,6 +93,9 @@ class Transformer(nn.Module):
             elif isinstance(mod, GroupedExperts):
                 nn.init.normal_(mod.w13, std=std)
                 nn.init.normal_(mod.w2, std=out_std)
+                for b in (mod.b13, mod.b2):
+                    if b is not None:
+                        nn.init.zeros_(b)
             elif isinstance(mod, Router):
                 nn.init.normal_(mod.weight, std=std)
                 for p in (mod.bias, mod.noise_weight):

@@ -3,7 +3,9 @@
 Shape legend: E experts, F expert hidden dim, D model dim, S rows grouped by expert, T tokens.
 Weights follow F.linear's [out, in] layout so each expert slice feeds oneDNN/MKL directly:
 `w13_EHD` [E, 2F, D] (gate and up fused, gate first; H = 2F, or F for plain GELU) and
-`w2_EDF` [E, D, F]. A slice `w13_EHD[e]` is a view, never a copy.
+`w2_EDF` [E, D, F]. A slice `w13_EHD[e]` is a view, never a copy. Optional per-expert biases
+`b13_EH` [E, H] and `b2_ED` [E, D] (gpt-oss) live here too: the compiled kernels have none, so
+biased experts run the F.linear paths (the kernel backends decline them).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit import kernels
+from moekit.config import GATED_ACTS
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +37,20 @@ class _SiluMul(torch.autograd.Function):
         return kernels.silu_mul_backward(h_SH, g_SF)
 
 
-def activate(h_SH: torch.Tensor, act: str) -> torch.Tensor:
-    """Apply the FFN nonlinearity to the fused first projection."""
+def clamped_swiglu(h_SH: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's activation on [gate | up]: the gate clamped above at `limit`, up to +-limit, then
+    (up + 1) * gate * sigmoid(alpha * gate). The clamps bound what an outlier token can push
+    through an expert; the +1 lets `up` pass the gate through unchanged at 0."""
+    g, u = h_SH.chunk(2, dim=-1)
+    g = g.clamp(max=limit)
+    u = u.clamp(min=-limit, max=limit)
+    return (u + 1) * (g * torch.sigmoid(g * alpha))
+
+
+def activate(h_SH: torch.Tensor, act: str, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """Apply the FFN nonlinearity to the fused first projection (`alpha`, `limit`: clamped_swiglu's)."""
+    if act == "clamped_swiglu":
+        return clamped_swiglu(h_SH, alpha, limit)
     if act == "swiglu":
         if h_SH.is_cpu and h_SH.dim() == 2 and kernels.usable(h_SH):  # inference: one fused pass
             return kernels.silu_mul(h_SH)
@@ -171,14 +186,18 @@ ROW_ALIGN = 64
 class GroupedExperts(nn.Module):
     """E expert FFNs stored as stacked tensors; runs rows already grouped by expert."""
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, act: str = "swiglu"):
+    def __init__(self, num_experts: int, dim: int, hidden: int, act: str = "swiglu", bias: bool = False,
+                 alpha: float = 1.702, limit: float = 7.0):
         super().__init__()
         self.num_experts, self.dim, self.hidden, self.act = num_experts, dim, hidden, act
-        H = 2 * hidden if act in ("swiglu", "geglu") else hidden
+        self.alpha, self.limit = alpha, limit
+        H = 2 * hidden if act in GATED_ACTS else hidden
         self.w13 = nn.Parameter(torch.empty(num_experts, H, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         nn.init.normal_(self.w13, std=0.02)
         nn.init.normal_(self.w2, std=0.02)
+        self.b13 = nn.Parameter(torch.zeros(num_experts, H)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
         self._packed: kernels.PackedExperts | None = None
         self._packed_stamp: tuple = ()
         self.use_packed = True
@@ -193,7 +212,7 @@ class GroupedExperts(nn.Module):
         Returns the bytes it added (as much again as the expert weights: the plain copy stays for
         training, saving and other devices). 0 when the weights are not packable (not bf16/fp32 on
         CPU, odd dim in bf16, kernels unavailable)."""
-        if not (kernels.available() and kernels.packable(self.w13, self.w2, self.act)):
+        if self.b13 is not None or not (kernels.available() and kernels.packable(self.w13, self.w2, self.act)):
             self._packed = None
             return 0
         self._packed = kernels.pack_experts(self.w13.detach(), self.w2.detach(), self.act)
@@ -222,8 +241,15 @@ class GroupedExperts(nn.Module):
     def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """One expert on a block of rows (views into the stacked weights: no copy unless the weights
         are stored in a narrower dtype than the rows, see `as_compute`)."""
-        h = activate(F.linear(x_ND, as_compute(self.w13[e], x_ND)), self.act)
-        return F.linear(h, as_compute(self.w2[e], h))
+        h = self._act(F.linear(x_ND, as_compute(self.w13[e], x_ND), self._bias(self.b13, e, x_ND)))
+        return F.linear(h, as_compute(self.w2[e], h), self._bias(self.b2, e, h))
+
+    def _act(self, h_SH: torch.Tensor) -> torch.Tensor:
+        return activate(h_SH, self.act, self.alpha, self.limit)
+
+    @staticmethod
+    def _bias(b_EX: torch.Tensor | None, e: int, x: torch.Tensor) -> torch.Tensor | None:
+        return None if b_EX is None else as_compute(b_EX[e], x)
 
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         if x_SD.shape[0] == 0:
@@ -242,7 +268,7 @@ class GroupedExperts(nn.Module):
         # *each* expert (19% of a small-moe training step), while unbind/split backward is one
         # stack/cat of the per-expert gradients.
         w13, w2 = self.w13, self.w2
-        if self.act == "swiglu" and x_SD.is_cpu and kernels.train_usable(x_SD, w13, w2):
+        if self.act == "swiglu" and self.b13 is None and x_SD.is_cpu and kernels.train_usable(x_SD, w13, w2):
             dt = w13.dtype
             if dt == torch.float32 and torch.is_autocast_enabled("cpu"):
                 dt = torch.get_autocast_dtype("cpu")
@@ -254,7 +280,9 @@ class GroupedExperts(nn.Module):
             dt = torch.get_autocast_dtype("cpu")
             w13, w2 = w13.to(dt), w2.to(dt)
         w13_E, w2_E = w13.unbind(0), w2.unbind(0)
-        outs = [F.linear(activate(F.linear(x_ND, w13_E[e]), self.act), w2_E[e])
+        b13_E = [None] * self.num_experts if self.b13 is None else self.b13.unbind(0)
+        b2_E = [None] * self.num_experts if self.b2 is None else self.b2.unbind(0)
+        outs = [F.linear(self._act(F.linear(x_ND, w13_E[e], b13_E[e])), w2_E[e], b2_E[e])
                 for e, x_ND in enumerate(x_SD.split(counts)) if counts[e]]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -280,7 +308,9 @@ class GroupedExperts(nn.Module):
         if any(small):
             self._kernel(x_SD, counts, small, token_S, weights_S, out_TD)
         if any(n and not m for n, m in zip(counts, small)):
-            if kernels.usable(x_SD, self.w13, self.w2):
+            if self.b13 is not None:  # biased experts (gpt-oss): the plain per-expert path
+                self._big_per_expert(x_SD, counts, small, token_S, weights_S, out_TD)
+            elif kernels.usable(x_SD, self.w13, self.w2):
                 self._big_fused(x_SD, counts, small, rows_S, weights_S, T, K, out_TD)
             elif BATCHED_COMBINE:
                 self._big_batched(x_SD, counts, small, rows_S, weights_S, T, K, out_TD)
@@ -314,7 +344,7 @@ class GroupedExperts(nn.Module):
         start = 0
         for e, n in enumerate(counts):
             if big_E[e]:
-                a_NF = activate(F.linear(x_SD[start:start + n], as_compute(self.w13[e], x_SD)), self.act)
+                a_NF = self._act(F.linear(x_SD[start:start + n], as_compute(self.w13[e], x_SD)))
                 _linear_into(a_NF, self.w2[e], y_SD[start:start + n])
             start += n
         big_S = torch.repeat_interleave(torch.tensor(big_E), torch.tensor(counts), output_size=S)
@@ -337,7 +367,7 @@ class GroupedExperts(nn.Module):
             if n and not small[e]:
                 _linear_into(x_SD[start:start + n], self.w13[e], h_SH[start:start + n])
             start += n
-        a_SF = activate(h_SH, self.act)
+        a_SF = self._act(h_SH)
         start = 0
         for e, n in enumerate(counts):
             if n and not small[e]:
@@ -353,7 +383,7 @@ class GroupedExperts(nn.Module):
 
     def _small_experts(self, x_SD: torch.Tensor, counts: list[int]) -> list[int]:
         """Row counts of the experts the compiled kernel takes (0 = not the kernel's)."""
-        if self.act not in kernels.ACTS or not kernels.usable(x_SD, self.w13, self.w2):
+        if self.act not in kernels.ACTS or self.b13 is not None or not kernels.usable(x_SD, self.w13, self.w2):
             return [0] * len(counts)
         limit = kernels.max_rows(x_SD.dtype, self.w13.dtype)
         return [n if n <= limit else 0 for n in counts]
@@ -392,7 +422,13 @@ class GroupedExperts(nn.Module):
         # One kernel for all experts with no host sync (CUDA, bf16).
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         h = torch._grouped_mm(x_SD, self.w13.transpose(-2, -1), offs=offs)
-        return torch._grouped_mm(activate(h, self.act), self.w2.transpose(-2, -1), offs=offs)
+        e_S = None
+        if self.b13 is not None:  # each row's expert, to add its biases (no host sync)
+            e_S = torch.repeat_interleave(torch.arange(self.num_experts, device=x_SD.device), counts_E,
+                                          output_size=x_SD.shape[0])
+            h = h + self.b13[e_S].to(h.dtype)
+        y = torch._grouped_mm(self._act(h), self.w2.transpose(-2, -1), offs=offs)
+        return y if e_S is None else y + self.b2[e_S].to(y.dtype)
 
 
 class DenseFFN(nn.Module):
@@ -401,7 +437,7 @@ class DenseFFN(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str = "swiglu"):
         super().__init__()
         self.act = act
-        H = 2 * hidden if act in ("swiglu", "geglu") else hidden
+        H = 2 * hidden if act in GATED_ACTS else hidden
         self.w13 = nn.Linear(dim, H, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
 

@@ -48,7 +48,8 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = Router(dim, cfg)
-        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_dim, cfg.expert_act)
+        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_dim, cfg.expert_act, bias=cfg.expert_bias,
+                                      alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
         self.dispatcher = Dispatcher(cfg)
         self.shared = DenseFFN(dim, cfg.shared_expert_dim, cfg.expert_act) if cfg.num_shared_experts else None
         self.shared_gate = nn.Linear(dim, 1, bias=False) if (self.shared is not None and cfg.shared_expert_gate) else None

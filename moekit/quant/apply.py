@@ -92,7 +92,7 @@ def quantize_target(t: Target, group_size: int, q13=None, q2=None) -> nn.Module:
     """The quantized replacement of t.module (RTN unless GPTQ's tensors q13 / q2 are given)."""
     if t.kind == "experts":
         m = t.module
-        return QuantizedExperts.from_tensors(m.w13, m.w2, m.act, t.scheme, group_size, t.zero_point, q13, q2)
+        return QuantizedExperts.from_tensors(m.w13, m.w2, m.act, t.scheme, group_size, t.zero_point, q13, q2, like=m)
     if t.kind == "ffn":
         return QuantizedDenseFFN.from_ffn(t.module, t.scheme, group_size, t.zero_point, q13, q2)
     return QuantizedLinear.from_linear(t.module, t.scheme, group_size, t.zero_point, q13)
@@ -117,7 +117,9 @@ def empty_structure(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
     for t in targets(model, qcfg):
         m = t.module
         if t.kind == "experts":
-            new = QuantizedExperts(m.num_experts, m.dim, m.hidden, m.act, t.scheme, g, t.zero_point, device="meta")
+            new = QuantizedExperts(m.num_experts, m.dim, m.hidden, m.act, t.scheme, g, t.zero_point, device="meta",
+                                   bias=getattr(m, "b13", None) is not None, alpha=getattr(m, "alpha", 1.702),
+                                   limit=getattr(m, "limit", 7.0))
         elif t.kind == "ffn":
             D, Fh = m.w2.weight.shape
             new = QuantizedDenseFFN(D, Fh, m.act, t.scheme, g, t.zero_point, device="meta")

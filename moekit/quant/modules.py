@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.config import GATED_ACTS
 from moekit.moe.experts import activate
 from moekit.quant import formats
 
@@ -117,29 +118,41 @@ class QuantizedTensor(nn.Module):
 
 class QuantizedExperts(nn.Module):
     """Drop-in for `GroupedExperts` (same interface: num_experts, dim, hidden, act, forward,
-    expert_forward) with `qw13` [E, H, D] and `qw2` [E, D, F] quantized; no float expert weights."""
+    expert_forward) with `qw13` [E, H, D] and `qw2` [E, D, F] quantized; no float expert weights.
+    Optional float biases `b13` [E, H] / `b2` [E, D] and the clamped-SwiGLU constants follow
+    GroupedExperts (gpt-oss)."""
 
     def __init__(self, num_experts: int, dim: int, hidden: int, act: str, scheme: str, group_size: int,
-                 zero_point: bool = False, device=None):
+                 zero_point: bool = False, device=None, bias: bool = False, alpha: float = 1.702, limit: float = 7.0):
         super().__init__()
         self.num_experts, self.dim, self.hidden, self.act = num_experts, dim, hidden, act
-        H = 2 * hidden if act in ("swiglu", "geglu") else hidden
+        self.alpha, self.limit = alpha, limit
+        H = 2 * hidden if act in GATED_ACTS else hidden
         self.qw13 = QuantizedTensor((num_experts, H, dim), scheme, group_size, zero_point, device)
         self.qw2 = QuantizedTensor((num_experts, dim, hidden), scheme, group_size, zero_point, device)
+        self.b13 = nn.Parameter(torch.zeros(num_experts, H, device=device), requires_grad=False) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim, device=device), requires_grad=False) if bias else None
 
     @classmethod
     def from_experts(cls, experts, scheme: str, group_size: int, zero_point: bool = False) -> QuantizedExperts:
         """Round-to-nearest quantization of a GroupedExperts."""
-        return cls.from_tensors(experts.w13, experts.w2, experts.act, scheme, group_size, zero_point)
+        return cls.from_tensors(experts.w13, experts.w2, experts.act, scheme, group_size, zero_point, like=experts)
 
     @classmethod
     def from_tensors(cls, w13_EHD: torch.Tensor, w2_EDF: torch.Tensor, act: str, scheme: str, group_size: int,
                      zero_point: bool = False, q13: QuantizedTensor | None = None,
-                     q2: QuantizedTensor | None = None) -> QuantizedExperts:
+                     q2: QuantizedTensor | None = None, like: nn.Module | None = None) -> QuantizedExperts:
+        """`like`: the float experts these replace, whose biases (kept float) and activation
+        constants carry over."""
         E, D, Fh = w2_EDF.shape
         mod = cls(E, D, Fh, act, scheme, group_size, zero_point, device="meta")
         mod.qw13 = q13 or QuantizedTensor.from_float(w13_EHD, scheme, group_size, zero_point)
         mod.qw2 = q2 or QuantizedTensor.from_float(w2_EDF, scheme, group_size, zero_point)
+        if like is not None:
+            mod.alpha, mod.limit = getattr(like, "alpha", mod.alpha), getattr(like, "limit", mod.limit)
+            for name in ("b13", "b2"):
+                b = getattr(like, name, None)
+                setattr(mod, name, None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False))
         return mod
 
     @property
@@ -179,9 +192,16 @@ class QuantizedExperts(nn.Module):
             p13, sz13, p2, sz2 = self._int4_for(e, x_ND.dtype)
             mm = torch.ops.aten._weight_int4pack_mm_for_cpu
             g = self.qw13.group_size
-            return mm(activate(mm(x_ND.contiguous(), p13, g, sz13), self.act).contiguous(), p2, g, sz2)
+            h = mm(x_ND.contiguous(), p13, g, sz13)
+            h = self._act(h if self.b13 is None else h + self.b13[e].to(h.dtype)).contiguous()
+            y = mm(h, p2, g, sz2)
+            return y if self.b2 is None else y + self.b2[e].to(y.dtype)
         w13_HD, w2_DF = self.expert_weights(e, x_ND.dtype)
-        return F.linear(activate(F.linear(x_ND, w13_HD), self.act), w2_DF)
+        h = self._act(F.linear(x_ND, w13_HD, None if self.b13 is None else self.b13[e].to(x_ND.dtype)))
+        return F.linear(h, w2_DF, None if self.b2 is None else self.b2[e].to(h.dtype))
+
+    def _act(self, h_SH: torch.Tensor) -> torch.Tensor:
+        return activate(h_SH, self.act, self.alpha, self.limit)
 
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         # Plan: one preallocated output; per expert with rows, dequantize its two matrices (only
@@ -237,7 +257,7 @@ class QuantizedDenseFFN(nn.Module):
                  dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.act = act
-        H = 2 * hidden if act in ("swiglu", "geglu") else hidden
+        H = 2 * hidden if act in GATED_ACTS else hidden
         self.w13 = QuantizedLinear(dim, H, scheme, group_size, zero_point, dtype=dtype, device=device)
         self.w2 = QuantizedLinear(hidden, dim, scheme, group_size, zero_point, dtype=dtype, device=device)
 
