@@ -189,16 +189,20 @@ def _llama4_maverick() -> ModelConfig:
 
 
 def _gpt_oss(n_layers: int, num_experts: int) -> ModelConfig:
-    # Not expressible here, counted by the planner (moekit.plan.spec.EXTRAS): expert biases
-    # (gate_up [E, 2F], down [E, D]), the o_proj bias and per-head attention sinks. Half the
-    # layers use a 128-token sliding window (the KV estimate here assumes full caches everywhere).
-    # The checkpoint stores experts in MXFP4 (4.25 bits/weight): use `--dtype int4` to approximate.
+    # The same config `moekit.checkpoint.hf_gpt_oss` reads from the hub's config.json: expert and
+    # attention biases, per-head sinks, a 128-token sliding window on the even layers, the clamped
+    # SwiGLU. moekit's KV cache is full-length on the sliding layers too (the window is a mask), so
+    # the planner's full-cache KV estimate is what moekit allocates. The checkpoint stores experts
+    # in MXFP4 (4.25 bits/weight): use `--dtype int4` to approximate.
     return ModelConfig(vocab_size=201088, dim=2880, n_layers=n_layers, n_heads=64, n_kv_heads=8, head_dim=64,
                        ffn_dim=2880, max_seq_len=131072, rope_theta=150000.0, norm_eps=1e-5, attn_bias=True,
+                       attn_out_bias=True, attn_sinks=True, sliding_window=128,
+                       sliding_layers=list(range(0, n_layers, 2)),
                        rope_scaling={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
-                                     "beta_fast": 32.0, "beta_slow": 1.0},
+                                     "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False},
                        moe=MoEConfig(num_experts=num_experts, top_k=4, expert_dim=2880, router="topk_softmax",
-                                     router_bias=True, aux_loss_coef=0.9))
+                                     router_bias=True, expert_bias=True, expert_act="clamped_swiglu",
+                                     aux_loss_coef=0.9))
 
 
 @register("gpt-oss-20b")

@@ -49,8 +49,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def save_model(model, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Save weights (safetensors) and config (json) into directory `path`."""
+    """Save weights (safetensors) and config (json) into directory `path`. A model holding quantized
+    weights (`model.quant_config`: quantized in memory, or an imported gpt-oss with MXFP4 experts)
+    is written as a quantized checkpoint, which `load_native` reads back the same."""
     path = Path(path)
+    qcfg = getattr(model, "quant_config", None)
+    if qcfg is not None:
+        if dtype is not None:
+            raise CheckpointError("a quantized model is saved as it is held; cast its float parts when loading "
+                                  "(moekit.load_model(path, dtype=...)) instead of passing dtype to save_model")
+        from moekit.quant.checkpoint import save_quantized
+
+        return save_quantized(model, qcfg, path)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("score_bias") else v) for k, v in sd.items()}

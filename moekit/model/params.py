@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moekit.config import ModelConfig, MoEConfig
+from moekit.config import GATED_ACTS, ModelConfig, MoEConfig
 
 COMPONENTS = ("embedding", "attention", "norms", "router", "routed_experts", "shared_experts", "dense_ffn", "lm_head")
 
@@ -41,8 +41,11 @@ class ParamCount:
                 "active_params": self.active_params, "active_params_no_embedding": self.active_params_no_embedding}
 
 
-def ffn_params(dim: int, hidden: int, act: str = "swiglu") -> int:
-    return (3 if act in ("swiglu", "geglu") else 2) * dim * hidden
+def ffn_params(dim: int, hidden: int, act: str = "swiglu", bias: bool = False) -> int:
+    n = (3 if act in GATED_ACTS else 2) * dim * hidden
+    if bias:  # b13 [H] + b2 [D] (gpt-oss experts)
+        n += (2 * hidden if act in GATED_ACTS else hidden) + dim
+    return n
 
 
 def attention_params(cfg: ModelConfig) -> int:
@@ -53,6 +56,10 @@ def attention_params(cfg: ModelConfig) -> int:
     n = cfg.dim * (q_out + 2 * kv_out) + q_out * cfg.dim
     if cfg.attn_bias:
         n += q_out + 2 * kv_out
+    if cfg.attn_out_bias:
+        n += cfg.dim
+    if cfg.attn_sinks:
+        n += cfg.n_heads
     if cfg.qk_norm:
         n += (q_out + kv_out) if cfg.qk_norm_full else 2 * cfg.hd
     return n
@@ -93,7 +100,7 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     total["dense_ffn"] = (cfg.n_layers - n_moe) * ffn_params(cfg.dim, cfg.ffn_dim)
     if m is not None and n_moe:
         total["router"] = n_moe * router_params(cfg.dim, m)
-        per_expert = ffn_params(cfg.dim, m.expert_dim, m.expert_act)
+        per_expert = ffn_params(cfg.dim, m.expert_dim, m.expert_act, m.expert_bias)
         total["routed_experts"] = n_moe * m.num_experts * per_expert
         if m.num_shared_experts:
             shared = ffn_params(cfg.dim, m.shared_expert_dim, m.expert_act) + (cfg.dim if m.shared_expert_gate else 0)
@@ -102,7 +109,7 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     if m is not None and n_moe:
         # The noise projection only runs in training; the router proper is always active.
         k = m.num_experts if m.router == "soft" else m.top_k
-        active["routed_experts"] = n_moe * k * ffn_params(cfg.dim, m.expert_dim, m.expert_act)
+        active["routed_experts"] = n_moe * k * ffn_params(cfg.dim, m.expert_dim, m.expert_act, m.expert_bias)
     return ParamCount(total, active, tied=cfg.tie_embeddings)
 
 

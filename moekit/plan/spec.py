@@ -2,8 +2,8 @@
 weight memory per precision and KV-cache bytes per token.
 
 Every parameter count goes through `moekit.count_params` (one counting path for the package).
-The few things a `ModelConfig` cannot express for real checkpoints (gpt-oss's expert biases and
-attention sinks, Llama 4's vision tower, DeepSeek-V3's multi-token-prediction layer) are counted
+The few things a `ModelConfig` cannot express for real checkpoints (Llama 4's vision tower,
+DeepSeek-V3's multi-token-prediction layer) are counted
 here as named `Extra`s, reported separately and never silently folded into the main count.
 
 Units: parameters and FLOPs are plain counts; bytes are bytes (GiB = 2**30 in reports).
@@ -43,20 +43,6 @@ class Extra:
 
 
 # ------------------------------------------------------------------------------------- extras
-def _gpt_oss_extras(cfg: ModelConfig) -> list[Extra]:
-    m = cfg.moe
-    assert m is not None
-    n, F, D = len(cfg.moe_layers), m.expert_dim, cfg.dim
-    per_expert = 2 * F + D  # gate_up bias [2F] + down bias [D]
-    attn = D + cfg.n_heads  # o_proj bias + one attention sink per head
-    return [
-        Extra("expert biases", n * m.num_experts * per_expert, n * m.top_k * per_expert, True, True,
-              "gate_up_proj_bias [E, 2F] and down_proj_bias [E, D] per MoE layer"),
-        Extra("o_proj bias + attention sinks", cfg.n_layers * attn, cfg.n_layers * attn, True, True,
-              "o_proj bias [D] and sinks [H] per layer"),
-    ]
-
-
 # Llama 4 vision encoder (34 layers, width 1408, MLP 5632, 336 px / 14 px patches) + pixel-shuffle
 # adapter + projector into the text width: counted with transformers' Llama4VisionModel and
 # Llama4MultiModalProjector built on the meta device from the checkpoint's vision_config
@@ -83,7 +69,6 @@ def _deepseek_mtp_extras(cfg: ModelConfig) -> list[Extra]:
 
 
 EXTRAS: dict[str, Callable[[ModelConfig], list[Extra]]] = {
-    "gpt-oss-20b": _gpt_oss_extras, "gpt-oss-120b": _gpt_oss_extras,
     "llama4-scout": _llama4_extras, "llama4-maverick": _llama4_extras,
     "deepseek-v3": _deepseek_mtp_extras,
 }
