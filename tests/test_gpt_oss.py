@@ -212,3 +212,18 @@ def test_bad_configs_name_the_field(ckpt):
                                              "full_attention"]})
     with pytest.raises(ConfigError, match="sliding_layers"):
         moekit.ModelConfig(sliding_window=4)
+
+
+@pytest.mark.parametrize("kind", ["plain", "mx"])
+def test_export_to_hf_round_trips(ckpt, kind, tmp_path):
+    """`convert --to hf` writes gpt-oss again (MXFP4 experts as the same bytes) and transformers
+    loads it with the same logits."""
+    from moekit.cli import main
+
+    out = tmp_path / "hf"
+    assert main(["convert", str(ckpt[kind]), str(out), "--to", "hf"]) == 0
+    a, b = load_file(ckpt[kind] / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    hf = T.GptOssForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager").eval()
+    ref = ckpt["hf"] if kind == "plain" else ckpt["hf_mx"]
+    torch.testing.assert_close(_logits(hf, ckpt["ids"]), _logits(ref, ckpt["ids"]))

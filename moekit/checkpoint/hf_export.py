@@ -85,7 +85,18 @@ def export_hf(model, out: str | Path, arch: str | None = None, dtype: torch.dtyp
     out = Path(out)
     cfg = model.config
     a, hf_cfg = choose_architecture(cfg, arch)
+    q = getattr(model, "quant_config", None)
+    if q is not None:
+        # Quantized weights leave as they are held: only a layout with that format can take them
+        # (gpt-oss MXFP4). The plan reads the format from the config, as a loader would.
+        from moekit.checkpoint.hf_gpt_oss import MXFP4_HF_CONFIG
+
+        hf_cfg = {**hf_cfg, "quantization_config": dict(MXFP4_HF_CONFIG)} if q.scheme == "mxfp4" else hf_cfg
     plan = a.plan_fn(cfg, hf_cfg, None)
+    missing = sorted(set(plan) - set(model.state_dict()))
+    if missing:
+        raise CheckpointError(f"{a.name} has no Hugging Face layout for this model's quantized weights "
+                              f"({missing[0]} ...): export the float model, or use `moekit convert --to gguf`")
     tensors = export_with_plan(model, plan, dtype)
     dt = next(iter(tensors.values())).dtype
     hf_cfg = {**hf_cfg, "torch_dtype": str(dt).removeprefix("torch.")}

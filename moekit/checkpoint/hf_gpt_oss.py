@@ -128,12 +128,15 @@ def codes_to_mx_blocks(q_OI2: torch.Tensor) -> torch.Tensor:
     return c[..., 0::2] | (c[..., 1::2] << 4)
 
 
-def _quantized(keys: set[str] | None) -> bool:
-    return bool(keys) and any(k.endswith("experts.gate_up_proj_blocks") for k in keys)
+def _quantized(keys: set[str] | None, hf: dict | None = None) -> bool:
+    if keys is None:  # export: the config says whether the experts go out as MXFP4
+        return ((hf or {}).get("quantization_config") or {}).get("quant_method") == "mxfp4"
+    return any(k.endswith("experts.gate_up_proj_blocks") for k in keys)
 
 
 def plan_fn(cfg: ModelConfig, hf: dict | None = None, keys: set[str] | None = None) -> Plan:
-    """moekit key -> HF pieces for a gpt-oss model (float or MXFP4 experts, chosen from `keys`)."""
+    """moekit key -> HF pieces for a gpt-oss model (float or MXFP4 experts: chosen from `keys` on
+    import, from the config's `quantization_config` on export)."""
     # Plan: 1. embeddings, final norm, head; 2. per layer: norms, fused q/k/v (+ biases), o_proj,
     # sinks; 3. router; 4. experts per expert: float (transpose + de-interleave) or MXFP4
     # (nibble re-pack + row de-interleave of codes and scales), and their biases.
@@ -147,7 +150,7 @@ def plan_fn(cfg: ModelConfig, hf: dict | None = None, keys: set[str] | None = No
     if not cfg.tie_embeddings:
         plan["lm_head.weight"] = [Piece("lm_head.weight")]
     q, kv = cfg.n_heads * cfg.hd, cfg.kv_heads * cfg.hd
-    mx = _quantized(keys)
+    mx = _quantized(keys, hf)
     for i in range(cfg.n_layers):
         h, k = f"model.layers.{i}.", f"layers.{i}."
         plan[k + "attn_norm.weight"] = [Piece(h + "input_layernorm.weight")]
@@ -211,10 +214,47 @@ def ignore_fn(key: str) -> bool:
     return key.endswith("rotary_emb.inv_freq")
 
 
+MXFP4_HF_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": [
+    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+"""The `quantization_config` of the hub checkpoints: only the experts are MXFP4."""
+
+
+def export_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The GptOssForCausalLM config.json for a moekit model (raises ConfigError if it does not fit)."""
+    m = cfg.moe
+    problems = []
+    if cfg.attention != "gqa" or cfg.qk_norm or cfg.qk_l2_norm or cfg.no_rope_layers or cfg.attention_chunk_size:
+        problems.append("attention must be plain GQA (no q/k norm, chunking or no-RoPE layers)")
+    if not cfg.attn_sinks or cfg.attn_bias != cfg.attn_out_bias:
+        problems.append("needs attention sinks, and q/k/v biases exactly when o_proj has one")
+    if m is None or len(cfg.moe_layers) != cfg.n_layers or m.num_shared_experts:
+        problems.append("every layer must be MoE with routed experts only")
+    elif (m.router != "topk_softmax" or not m.router_bias or not m.expert_bias or m.expert_act != "clamped_swiglu"
+          or m.n_group > 1 or m.score_correction_bias or m.routed_scaling_factor != 1.0 or m.weight_on_input
+          or m.capacity_factor is not None):
+        problems.append("the MoE must be gpt-oss's (top-k softmax router with bias, biased clamped-SwiGLU experts)")
+    if problems:
+        raise ConfigError(f"cannot export {cfg.name!r} as {ARCH}: " + "; ".join(problems))
+    slide = set(cfg.sliding_layers)
+    return {
+        "architectures": [ARCH], "model_type": "gpt_oss", "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+        "intermediate_size": m.expert_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.hd, "num_local_experts": m.num_experts,
+        "num_experts_per_tok": m.top_k, "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len,
+        # With no sliding layer the window is unused; HF still builds its mask, so give it a length.
+        "sliding_window": cfg.sliding_window or cfg.max_seq_len,
+        "layer_types": ["sliding_attention" if i in slide else "full_attention" for i in range(cfg.n_layers)],
+        "rope_parameters": {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {"rope_type": "default"})},
+        "tie_word_embeddings": cfg.tie_embeddings, "swiglu_alpha": m.swiglu_alpha, "swiglu_limit": m.swiglu_limit,
+        "router_aux_loss_coef": m.aux_loss_coef, "attention_bias": cfg.attn_bias, "attention_dropout": 0.0,
+        "hidden_act": "silu", "initializer_range": cfg.init_std, "use_cache": True,
+    }
+
+
 def _register() -> None:
     from moekit.checkpoint.hf_config import register_architecture
 
-    register_architecture(ARCH, "gpt_oss", config_from_hf, plan_fn, None, ignore_fn, build_fn)
+    register_architecture(ARCH, "gpt_oss", config_from_hf, plan_fn, export_config, ignore_fn, build_fn)
 
 
 _register()
