@@ -144,6 +144,11 @@ def offload_model(model, weights: str | Path, budget: str | float | int, policy:
     blocks = _moe_blocks(model)
     if not blocks:
         raise MoekitError("the model has no MoE layers: nothing to offload")
+    biased = [b for b in blocks if getattr(model.layers[b].ffn.experts, "b13", None) is not None
+              or getattr(model.layers[b].ffn.experts, "act", "") == "clamped_swiglu"]
+    if biased:
+        raise MoekitError("expert offloading streams w13/w2 only; this model's experts carry biases and the clamped "
+                          "SwiGLU (gpt-oss), which it does not stream: run without --expert-memory-budget")
     stores = [ExpertStore(weights, f"layers.{b}.ffn.experts") for b in blocks]
     total = sum(s.expert_bytes * s.num_experts for s in stores)
     budget_bytes = parse_budget(budget, total)

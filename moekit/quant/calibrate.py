@@ -80,7 +80,11 @@ def _quantize_experts(t: Target, h_TD: torch.Tensor, ids_TK: torch.Tensor, qcfg:
     q13 = _gptq_tensor(ex.w13, h13, t, g)
     h2 = Hessian(E, ex.hidden)
     for e in range(E):
-        h2.add(e, activate(rows_E[e] @ q13.dequantize(torch.float32, e).t(), ex.act))
+        # w2's inputs as the quantized expert computes them (bias and activation constants included).
+        pre = rows_E[e] @ q13.dequantize(torch.float32, e).t()
+        if getattr(ex, "b13", None) is not None:
+            pre = pre + ex.b13[e].float()
+        h2.add(e, activate(pre, ex.act, getattr(ex, "alpha", 1.702), getattr(ex, "limit", 7.0)))
     q2 = _gptq_tensor(ex.w2, h2, t, g)
     info["hessian_tokens"] = h13.n.tolist()
     return quantize_target(t, g, q13, q2), info
