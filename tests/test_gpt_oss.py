@@ -227,3 +227,29 @@ def test_export_to_hf_round_trips(ckpt, kind, tmp_path):
     hf = T.GptOssForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager").eval()
     ref = ckpt["hf"] if kind == "plain" else ckpt["hf_mx"]
     torch.testing.assert_close(_logits(hf, ckpt["ids"]), _logits(ref, ckpt["ids"]))
+
+
+def test_window_without_sinks_matches_sinks_at_minus_infinity():
+    """The SDPA / decode paths a windowed model without sinks takes equal the sink path with every
+    sink at -inf (a zero-weight sink column), in a full forward and in cached decode."""
+    cfg = moekit.ModelConfig(vocab_size=V, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64,
+                             sliding_window=3, sliding_layers=[0, 2],
+                             moe=moekit.MoEConfig(num_experts=4, top_k=2, expert_dim=32))
+    plain = moekit.build_model(cfg, seed=0).eval()
+    sinky = moekit.build_model(cfg.replace(attn_sinks=True), seed=0).eval()
+    sinky.load_state_dict(plain.state_dict(), strict=False)
+    for b in sinky.layers:
+        b.attn.sinks.data.fill_(float("-inf"))
+    ids = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(2))
+    full = _logits(plain, ids)
+    torch.testing.assert_close(_logits(sinky, ids), full)
+    causal = moekit.build_model(cfg.replace(sliding_window=None, sliding_layers=[]), seed=0).eval()
+    assert (_logits(causal, ids) - full).abs().max() > 1e-4  # the window is in effect
+    with torch.no_grad():
+        cache = plain.new_cache(2, 32)
+        outs = [plain(ids[:, :5], cache=cache).logits]
+        cache.advance(5)
+        for t in range(5, 16):
+            outs.append(plain(ids[:, t:t + 1], cache=cache).logits)
+            cache.advance(1)
+    torch.testing.assert_close(torch.cat(outs, 1), full)
