@@ -57,6 +57,12 @@ def info(model: str, json: bool = False) -> int:
                  f"top-{moe['top_k']} ({moe['router']})")
         if moe["num_shared_experts"]:
             desc += f", shared expert {moe['shared_expert_dim']} wide"
+        if moe.get("expert_act", "swiglu") != "swiglu" or moe.get("expert_bias"):
+            desc += f", {moe['expert_act']}{' + biases' if moe.get('expert_bias') else ''}"
+    if cfg.get("sliding_window"):
+        desc += f"; sliding window {cfg['sliding_window']} in layers {cfg['sliding_layers']}"
+    if cfg.get("attn_sinks"):
+        desc += "; attention sinks"
     con.print(f"[bold]{d['name']}[/bold]: {desc}")
     if cfg.get("source"):
         con.print(f"source: {cfg['source']}")

@@ -169,7 +169,7 @@ class CpuFusedTopkBackend(ExpertBackend):
         if r:
             return r
         ex = call.experts
-        if ex.b13 is not None:
+        if getattr(ex, "b13", None) is not None:
             return "the experts have biases (gpt-oss); the fused kernel has none"
         if not kernels.fused_ok(call.x_TD, ex.act, ex, ex.w13, ex.w2):
             return (f"not a kernel call: {call.x_TD.shape[0]} tokens > {kernels.max_rows(call.x_TD.dtype)} rows, "
