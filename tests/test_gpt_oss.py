@@ -253,3 +253,25 @@ def test_window_without_sinks_matches_sinks_at_minus_infinity():
             outs.append(plain(ids[:, t:t + 1], cache=cache).logits)
             cache.advance(1)
     torch.testing.assert_close(torch.cat(outs, 1), full)
+
+
+def test_grouped_mm_path_adds_biases():
+    """The CUDA experts path (`torch._grouped_mm`, bf16) with biases and the clamped SwiGLU, run on
+    CPU where this torch has the op, against the per-expert path."""
+    from moekit.moe.experts import GroupedExperts
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm missing")
+    torch.manual_seed(0)
+    ex = GroupedExperts(4, 64, 32, "clamped_swiglu", bias=True, limit=1.0).to(torch.bfloat16)
+    with torch.no_grad():
+        ex.b13.normal_()
+        ex.b2.normal_()
+        counts, x = torch.tensor([3, 0, 5, 8]), torch.randn(16, 64, dtype=torch.bfloat16)
+        try:
+            got = ex._forward_grouped_mm(x, counts)
+        except (RuntimeError, NotImplementedError) as e:
+            pytest.skip(f"torch._grouped_mm does not run on CPU here ({e})")
+        want = torch.cat([ex.expert_forward(e, xx) for e, xx in enumerate(x.split(counts.tolist())) if len(xx)])
+    torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=2e-2)
+    assert (ex.b2.float().abs().max() > 0.5)  # the biases are large enough to matter
