@@ -328,7 +328,11 @@ class Attention(nn.Module):
         S = q_BHSd.shape[2]
         if cache is not None:
             kc, vc = self._write_cache(cache, k_BGSd, v_BGSd, pos_BS)
-            k_BGSd, v_BGSd = kc[:, :, :seen], vc[:, :, :seen]
+            # A sliding layer reads only the slots some query's window reaches, so its decode
+            # costs O(window), not O(context) (one host read of the earliest query position).
+            lo = 0 if self.window is None else max(0, int(pos_BS[:, 0].min()) - self.window + 1)
+            k_BGSd, v_BGSd = kc[:, :, lo:seen], vc[:, :, lo:seen]
+            mask_B1SL = mask_B1SL[..., lo:seen]
         if mask_B1SL is None:  # no cache, full attention: plain causal
             mask_B1SL = torch.ones(S, S, dtype=torch.bool, device=q_BHSd.device).tril_().view(1, 1, S, S)
         B = q_BHSd.shape[0]
