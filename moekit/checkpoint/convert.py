@@ -65,7 +65,8 @@ def convert_cli(src: str, out: str, to: Literal["moekit", "hf", "gguf"] = "moeki
     """Convert a checkpoint between moekit, Hugging Face and GGUF formats.
 
     Reads a moekit directory, a Hugging Face directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
-    Llama, Mistral, Qwen2, and DeepSeek / Llama 4 where installed) or a .gguf file, and writes
+    Llama, Mistral, Qwen2, DeepSeek, Llama 4, gpt-oss with its MXFP4 experts kept as MXFP4) or a
+    .gguf file, and writes
     it in the target format. `--to hf` writes a directory transformers loads with the same logits,
     choosing the closest architecture that expresses the model exactly.
 

@@ -7,8 +7,8 @@ A value moekit cannot reproduce exactly (an o_proj bias, `clip_qkv`, a non-SiLU 
 raises `ConfigError` naming the field and value instead of loading a silently different model.
 
 Architectures plug in through `register_architecture`; this module's own (Mixtral, Qwen2-MoE,
-Qwen3-MoE, OLMoE, Llama, Mistral, Qwen2) register from `moekit.checkpoint.hf_family`, DeepSeek and
-Llama 4 from their own modules, all imported lazily by `get_architecture`.
+Qwen3-MoE, OLMoE, Llama, Mistral, Qwen2) register from `moekit.checkpoint.hf_family`, DeepSeek,
+Llama 4 and gpt-oss from their own modules, all imported lazily by `get_architecture`.
 """
 
 from __future__ import annotations
