@@ -66,8 +66,7 @@ def convert_cli(src: str, out: str, to: Literal["moekit", "hf", "gguf"] = "moeki
 
     Reads a moekit directory, a Hugging Face directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
     Llama, Mistral, Qwen2, DeepSeek, Llama 4, gpt-oss with its MXFP4 experts kept as MXFP4) or a
-    .gguf file, and writes
-    it in the target format. `--to hf` writes a directory transformers loads with the same logits,
+    .gguf file, and writes it in the target format. `--to hf` writes a directory transformers loads with the same logits,
     choosing the closest architecture that expresses the model exactly.
 
     Args:
