@@ -53,7 +53,8 @@ def info(model: str, json: bool = False) -> int:
     moe = cfg.get("moe")
     desc = f"{cfg['n_layers']} layers, dim {cfg['dim']}, {cfg['n_heads']} heads ({cfg['n_kv_heads'] or cfg['n_heads']} kv), vocab {cfg['vocab_size']}"
     if moe:
-        desc += (f"; MoE in layers {d['moe_layers']}: {moe['num_experts']} experts x {moe['expert_dim']} wide, "
+        wide = moe["expert_dims"] or moe["expert_dim"]  # heterogeneous: the list of real widths
+        desc += (f"; MoE in layers {d['moe_layers']}: {moe['num_experts']} experts x {wide} wide, "
                  f"top-{moe['top_k']} ({moe['router']})")
         if moe["num_shared_experts"]:
             desc += f", shared expert {moe['shared_expert_dim']} wide"

@@ -96,6 +96,8 @@ class SkipBackend(backends.ExpertBackend):
         T, K = ids_TK.shape
         E = call.experts.num_experts
         keep_TK = p.keep_mask(ids_TK, w_TK, E)
+        if call.mask_TK is not None:  # dynamic-k routing: unused slots never run (weight 0, so not the top)
+            keep_TK &= call.mask_TK
         if p.renormalize:
             kept_TK = w_TK * keep_TK
             w_TK = kept_TK * (w_TK.sum(-1, keepdim=True) / kept_TK.sum(-1, keepdim=True).clamp_min(1e-30))
