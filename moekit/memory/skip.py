@@ -102,6 +102,8 @@ class SkipBackend(backends.ExpertBackend):
             kept_TK = w_TK * keep_TK
             w_TK = kept_TK * (w_TK.sum(-1, keepdim=True) / kept_TK.sum(-1, keepdim=True).clamp_min(1e-30))
         n_skip = int((~keep_TK).sum())
+        if call.mask_TK is not None:  # unused dynamic-k slots were never going to run: not a skip
+            n_skip -= int((~call.mask_TK).sum())
         p.assignments += T * K
         p.skipped += n_skip
         if T // max(p.batch, 1) > 1:

@@ -292,3 +292,75 @@ def clear_routing_cost(model) -> None:
     for layer in _moe_layers(model):
         layer.router.cost_override = None
 
+
+
+def parse_cost(text: str | None):
+    """A CLI cost source: "flops", "offload_misses", or comma-separated numbers (one per expert)."""
+    if text is None or text in SOURCES:
+        return text
+    try:
+        return [float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise MoekitError(f"--cost-source {text!r}: give flops, offload_misses, or one number per expert "
+                          "separated by commas (e.g. 1,1,2,2)") from None
+
+
+def apply_cli(model, cost_lambda: float | None = None, cost_budget: float | None = None,
+              dynamic_k: float | None = None, cost_source: str | None = None, route_top_k: int | None = None) -> dict:
+    """The routing options of `generate` / `eval` / `bench`: `set_routing_cost` when any is given.
+    Returns the settings applied (empty when none), for reports."""
+    given = {"lam": cost_lambda, "budget": cost_budget, "dynamic_k": dynamic_k, "cost": parse_cost(cost_source),
+             "top_k": route_top_k}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given:
+        set_routing_cost(model, **given)
+    return given
+
+
+class FlopsMeter:
+    """Expert FLOPs actually spent per token, over every forward since creation / `reset`.
+
+    Forward hooks on the MoE layers read each `Routing.expert_flops` (routed assignments that ran:
+    unused dynamic-k slots excluded, real widths). Assignments dropped later by expert skipping
+    (`moekit.memory.set_skipping`) are taken off at the layer's mean expert FLOPs (exact for equal
+    widths). Tokens are counted at the first MoE layer, so the result is summed over layers."""
+
+    def __init__(self, model):
+        self.layers = _moe_layers(model)
+        self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens = 0
+        self.flops = 0.0
+        self.assignments = 0
+        self._skipped = [getattr(getattr(la, "skip", None), "skipped", 0) for la in self.layers]
+
+    def _hook(self, i: int):
+        def hook(layer, args, out):
+            r = out[1]
+            if r is None or r.expert_flops is None:
+                return
+            flops = float(r.expert_flops)
+            used = int(r.tokens_per_expert.sum())
+            p = getattr(layer, "skip", None)
+            if p is not None:  # expert skipping dropped some assignments after routing
+                n = p.skipped - self._skipped[i]
+                self._skipped[i] = p.skipped
+                flops -= n * sum(layer.flops_E) / len(layer.flops_E)
+                used -= n
+            self.flops += flops
+            self.assignments += used
+            if i == 0:
+                self.tokens += args[0].reshape(-1, args[0].shape[-1]).shape[0]
+        return hook
+
+    def stats(self) -> dict:
+        t = max(self.tokens, 1)
+        return {"tokens": self.tokens, "expert_flops_per_token": self.flops / t,
+                "experts_per_token_per_layer": self.assignments / t / max(len(self.layers), 1)}
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
