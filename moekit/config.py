@@ -30,7 +30,9 @@ ROUTERS = ("topk_softmax", "softmax_topk", "sigmoid_topk", "soft")
 EXPERT_ACTS = ("swiglu", "geglu", "gelu")
 DROP_POLICIES = ("score", "position")
 GROUP_SCORES = ("top2_sum", "max")
-COST_SOURCES = ("flops", "vector", "offload_misses")
+COST_SOURCES = ("flops", "vector")
+"""Config-level expert cost sources; live ones (offload-cache misses) are set at run time with
+`moekit.moe.cost.set_routing_cost` / `--cost-source offload_misses`."""
 ATTENTIONS = ("gqa", "mla")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -90,7 +92,7 @@ class MoEConfig:
     cost_lambda: float = 0.0
     """Select experts by score - cost_lambda * normalised cost (weights still from the scores); 0 = off."""
     cost_source: str = "flops"
-    """Where expert costs come from: flops (real FLOPs by width), vector (`cost_vector`), offload_misses."""
+    """Where expert costs come from: flops (real FLOPs by width) or vector (`cost_vector`)."""
     cost_vector: list[float] | None = None
     """One cost per expert (any unit, >= 0) for cost_source = vector."""
     cost_budget: float | None = None

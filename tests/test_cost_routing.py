@@ -53,14 +53,14 @@ def test_lambda_zero_is_plain_topk_exactly(router, norm):
     # Through the module API: an override with lambda 0 changes nothing either.
     layer = MoELayer(32, dataclasses.replace(cfg, score_correction_bias=bias is not None))
     x = torch.randn(16, 32)
-    a = layer.router(x, layer.experts)
+    a = layer.router(x)
 
     class M(torch.nn.Module):
         def moe_layers(self):
             return [layer]
 
     set_routing_cost(M(), lam=0.0, cost=torch.rand(8).tolist())
-    b = layer.router(x, layer.experts)
+    b = layer.router(x)
     clear_routing_cost(M())
     assert torch.equal(a.topk_ids_TK, b.topk_ids_TK) and torch.equal(a.topk_weights_TK, b.topk_weights_TK)
 
@@ -142,7 +142,7 @@ def test_every_backend_agrees_on_variable_k(variant):
     with torch.no_grad():
         layer.router.weight.normal_(0, 0.5)  # confident enough that token counts differ
     x = torch.randn(40, 32)
-    r = layer.router(x, layer.experts)
+    r = layer.router(x)
     assert r.mask_TK is not None and 1 <= int(r.mask_TK.sum(-1).min()) < int(r.mask_TK.sum(-1).max())
     ref = loop_reference(x, r.topk_ids_TK, r.topk_weights_TK, layer.experts)
     layer.experts.pack()
@@ -165,10 +165,10 @@ def test_every_backend_agrees_on_variable_k(variant):
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
     layer.train()
-    r1 = layer.router(x1, layer.experts)
+    r1 = layer.router(x1)
     o1, _ = backends.get("masked").run(backends.ExpertCall(layer, x1, r1.topk_ids_TK, r1.topk_weights_TK, mask_TK=r1.mask_TK))
     g1 = torch.autograd.grad(o1.square().sum(), [x1, layer.experts.w13, layer.router.weight])
-    r2 = layer.router(x2, layer.experts)
+    r2 = layer.router(x2)
     o2 = loop_reference(x2, r2.topk_ids_TK, r2.topk_weights_TK, layer.experts)
     g2 = torch.autograd.grad(o2.square().sum(), [x2, layer.experts.w13, layer.router.weight])
     for a, b in zip(g1, g2):

@@ -252,7 +252,7 @@ class MaskedBackend(ExpertBackend):
     name = "masked"
 
     def why_not(self, call):
-        if call.mask_TK is None:
+        if call.mask_TK is None or bool(call.mask_TK.all()):
             return "no variable-k routing on this call (every slot runs)"
         if not call.local:
             return "the dispatcher is not local (expert parallel)"

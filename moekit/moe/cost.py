@@ -72,19 +72,23 @@ def spent_flops(flops_E: list[int], ids_TK: torch.Tensor, mask_TK: torch.Tensor 
 # ---------------------------------------------------------------------------- sources
 class ExpertCost:
     """A source of per-expert raw costs. `raw` returns a float32 [E] tensor >= 0; `static` says
-    whether it never changes (so a budget can be checked once, at `set_routing_cost`)."""
+    whether it never changes (so a budget can be checked once, at `set_routing_cost`). `bind`
+    returns the instance for one MoE layer (live sources attach to that layer's state)."""
 
     name = "cost"
     static = True
 
-    def raw(self, cfg: MoEConfig, dim: int, experts=None) -> torch.Tensor:
+    def raw(self, cfg: MoEConfig, dim: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def bind(self, layer) -> "ExpertCost":
+        return self
 
 
 class FlopsCost(ExpertCost):
     name = "flops"
 
-    def raw(self, cfg, dim, experts=None):
+    def raw(self, cfg, dim):
         return torch.tensor(expert_flops(cfg, dim), dtype=torch.float32)
 
 
@@ -97,7 +101,7 @@ class VectorCost(ExpertCost):
             raise MoekitError(f"expert costs must be finite and >= 0, got {v.tolist()}")
         self.values = v
 
-    def raw(self, cfg, dim, experts=None):
+    def raw(self, cfg, dim):
         if self.values.numel() != cfg.num_experts:
             raise MoekitError(f"cost vector has {self.values.numel()} entries for {cfg.num_experts} experts; "
                               "give one cost per expert")
@@ -110,11 +114,20 @@ class OffloadMissCost(ExpertCost):
     name = "offload_misses"
     static = False
 
-    def raw(self, cfg, dim, experts=None):
-        cache = getattr(experts, "cache", None)
-        if cache is None:  # e.g. the prefetcher's prediction (no experts given): no penalty
-            return torch.zeros(cfg.num_experts)
-        return torch.tensor([0.0 if cache.contains_ready(e) else 1.0 for e in range(cfg.num_experts)])
+    def __init__(self, cache=None):
+        self.cache = cache
+
+    def bind(self, layer) -> "OffloadMissCost":
+        cache = getattr(layer.experts, "cache", None)
+        if cache is None:
+            raise MoekitError("cost 'offload_misses' needs offloaded experts (load with --expert-memory-budget / "
+                              "moekit.memory.load_offloaded)")
+        return OffloadMissCost(cache)
+
+    def raw(self, cfg, dim):
+        if self.cache is None:
+            raise MoekitError("an unbound offload_misses cost: set it with set_routing_cost(model, cost='offload_misses')")
+        return torch.tensor([0.0 if self.cache.contains_ready(e) else 1.0 for e in range(cfg.num_experts)])
 
 
 SOURCES = {"flops": FlopsCost, "offload_misses": OffloadMissCost}
@@ -170,7 +183,7 @@ class CostPlan:
         return self.budget is not None or self.dynamic_k > 0
 
 
-def resolve(router, experts=None, device=None) -> CostPlan | None:
+def resolve(router, device=None) -> CostPlan | None:
     """The plan for one forward of `router` (None: plain routing, exactly the old ops)."""
     cfg: MoEConfig = router.cfg
     o: CostSettings = getattr(router, "cost_override", None) or CostSettings()
@@ -182,7 +195,7 @@ def resolve(router, experts=None, device=None) -> CostPlan | None:
     if lam == 0 and budget is None and dyn == 0 and k == cfg.top_k and not cfg.cost_loss_coef:
         return None
     src = o.source or config_cost(cfg)
-    cost_E = normalise(src.raw(cfg, router.weight.shape[1], experts).float())
+    cost_E = normalise(src.raw(cfg, router.weight.shape[1]).float())
     return CostPlan(lam, cost_E.to(device or router.weight.device), budget, dyn, k)
 
 
@@ -266,10 +279,7 @@ def set_routing_cost(model, lam: float | None = None, cost=None, budget: float |
         cfg = layer.cfg
         if top_k is not None and not 1 <= top_k <= cfg.num_experts:
             raise MoekitError(f"top_k must be in 1..{cfg.num_experts} (the layer's experts), got {top_k}")
-        src = None if cost is None else make_cost(cost[i] if per_layer else cost)
-        if isinstance(src, OffloadMissCost) and getattr(layer.experts, "cache", None) is None:
-            raise MoekitError("cost 'offload_misses' needs offloaded experts (load with --expert-memory-budget / "
-                              "moekit.memory.load_offloaded)")
+        src = None if cost is None else make_cost(cost[i] if per_layer else cost).bind(layer)
         if cfg.router == "soft" and (lam or budget or dynamic_k or top_k):
             raise MoekitError("the soft router runs every expert: cost-aware routing does not apply")
         variable = (budget is not None and not math.isinf(budget)) or bool(dynamic_k)
@@ -279,7 +289,7 @@ def set_routing_cost(model, lam: float | None = None, cost=None, budget: float |
         if budget is not None and not math.isinf(budget):
             s_src = src or config_cost(cfg)
             if s_src.static:
-                c = normalise(s_src.raw(cfg, layer.router.weight.shape[1], layer.experts).float())
+                c = normalise(s_src.raw(cfg, layer.router.weight.shape[1]).float())
                 if budget < float(c.min()):
                     raise MoekitError(f"cost budget {budget} is below the cheapest expert ({float(c.min()):.4g} in "
                                       "normalised units); raise it so every token can run one expert")

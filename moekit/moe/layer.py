@@ -75,7 +75,7 @@ class MoELayer(nn.Module):
         # 3. add the shared expert; 4. compute balance losses and statistics as values.
         shape = x_BSD.shape
         x_TD = x_BSD.reshape(-1, shape[-1])
-        r = self.router(x_TD, self.experts)
+        r = self.router(x_TD)
         out_TD, dropped = backends.run(backends.ExpertCall(self, x_TD, r.topk_ids_TK, r.topk_weights_TK,
                                                            mask_TK=r.mask_TK))
         if self.shared is not None:

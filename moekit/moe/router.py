@@ -62,8 +62,7 @@ class Router(Fp32Buffers):
         """Inference-time cost-routing settings (`moekit.moe.cost.set_routing_cost`); None: the config's."""
         nn.init.normal_(self.weight, std=0.02)
 
-    def forward(self, x_TD: torch.Tensor, experts: nn.Module | None = None) -> RouterOutput:
-        """Route rows; `experts` (the layer's) lets cost sources read widths or cache residency."""
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         cfg = self.cfg
         if self.training and cfg.jitter_eps > 0:
             noise = torch.empty_like(x_TD).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
@@ -73,7 +72,7 @@ class Router(Fp32Buffers):
         if self.training and self.noise_weight is not None:
             std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float()))
             logits_TE = logits_TE + torch.randn_like(logits_TE) * std_TE
-        return route(logits_TE, cfg, self.score_bias, resolve(self, experts, logits_TE.device))
+        return route(logits_TE, cfg, self.score_bias, resolve(self, logits_TE.device))
 
 
 def _group_mask(sel_TE: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
