@@ -283,3 +283,14 @@ def test_api_validation_and_top_k_override():
     # Config round trip of the new fields.
     c2 = cfg.replace(moe=dataclasses.replace(cfg.moe, cost_lambda=0.1, dynamic_k=0.5, expert_dims=[16, 8, 8, 4]))
     assert ModelConfig.from_json(c2.to_json()).moe == c2.moe
+
+
+def test_info_counts_real_widths(tmp_path):
+    from moekit.info import model_info
+
+    mcfg = MoEConfig(num_experts=4, top_k=2, expert_dim=32, expert_dims=[32, 16, 8, 24])
+    cfg = ModelConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, ffn_dim=32, max_seq_len=32, moe=mcfg)
+    cfg.to_json(tmp_path / "config.json")
+    d = model_info(str(tmp_path / "config.json"))
+    assert d["routed_expert_flops"]["per_expert"] == [6 * 16 * w for w in (32, 16, 8, 24)]
+    assert d["params"]["total"]["routed_experts"] == count_params(cfg).total["routed_experts"] == 2 * 3 * 16 * 80
