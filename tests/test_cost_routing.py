@@ -294,3 +294,32 @@ def test_info_counts_real_widths(tmp_path):
     d = model_info(str(tmp_path / "config.json"))
     assert d["routed_expert_flops"]["per_expert"] == [6 * 16 * w for w in (32, 16, 8, 24)]
     assert d["params"]["total"]["routed_experts"] == count_params(cfg).total["routed_experts"] == 2 * 3 * 16 * 80
+
+
+def test_cli_train_heterogeneous_with_penalty_then_eval_with_routing(tmp_path, capsys):
+    import json
+
+    from moekit.cli import main as cli_main
+    from train_helpers import tiny_data
+
+    data = tiny_data(tmp_path)
+    out = tmp_path / "run"
+    rc = cli_main(["train", "--preset", "tiny-moe", "--data-dir", str(data.root), "--corpus", "x", "--out", str(out),
+                   "--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "--no-progress", "--threads", "1",
+                   "--expert-dims", "64", "32", "32", "16", "64", "48", "16", "8", "--cost-loss-coef", "0.1"])
+    assert rc == 0, capsys.readouterr().err
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["cost"] > 0
+    flops = {}
+    for extra in (["--route-top-k", "1"], ["--route-top-k", "2"], ["--dynamic-k", "0.3", "--cost-lambda", "0.02"]):
+        js = tmp_path / "e.json"
+        rc = cli_main(["eval", str(out), "--json-out", str(js), "--seq-len", "32", "--max-tokens", "200", *extra])
+        assert rc == 0, capsys.readouterr().err
+        r = json.loads(js.read_text())
+        flops[" ".join(extra)] = r["routing"]["expert_flops_per_token"]
+        assert math.isfinite(r["results"]["val"]["bpb"])
+    assert 0 < flops["--route-top-k 1"] < flops["--route-top-k 2"]
+    capsys.readouterr()
+    rc = cli_main(["eval", str(out), "--cost-budget", "0.01", "--seq-len", "32", "--max-tokens", "200"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cheapest expert" in err and "Traceback" not in err
