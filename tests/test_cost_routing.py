@@ -323,3 +323,18 @@ def test_cli_train_heterogeneous_with_penalty_then_eval_with_routing(tmp_path, c
     rc = cli_main(["eval", str(out), "--cost-budget", "0.01", "--seq-len", "32", "--max-tokens", "200"])
     err = capsys.readouterr().err
     assert rc == 2 and "cheapest expert" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("budget", [None, 1.0])
+def test_variable_k_stays_in_the_eligible_groups(budget):
+    cfg = MoEConfig(num_experts=8, top_k=3, expert_dim=16, router="sigmoid_topk", norm_topk_prob=True, n_group=4,
+                    topk_group=2, group_score="max")
+    logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))
+    cost_E = normalise(torch.tensor([1.0, 2.0, 1.0, 4.0, 3.0, 1.0, 2.0, 1.0]))
+    r = route(logits, cfg, None, CostPlan(0.05, cost_E, budget, 0.7, 3))
+    groups = (logits.sigmoid() - 0.05 * cost_E).view(64, 4, 2).amax(-1).topk(2, -1).indices
+    for t in range(64):
+        used = r.topk_ids_TK[t][r.mask_TK[t]]
+        assert set((used // 2).tolist()) <= set(groups[t].tolist())
+        if budget is not None:
+            assert float(cost_E[used].sum()) <= budget + 1e-6

@@ -211,7 +211,8 @@ def select_variable(sel_TE: torch.Tensor, probs_TE: torch.Tensor, plan: CostPlan
     order_TN = sel_TE.topk(n, dim=-1).indices  # sorted, descending
     p_TN = probs_TE.gather(1, order_TN)
     c_TN = plan.cost_E[order_TN]
-    ok_TN = torch.isfinite(sel_TE.gather(1, order_TN))  # group-limited routing masks with -inf
+    fin_TN = torch.isfinite(sel_TE.gather(1, order_TN))  # group-limited routing masks with -inf
+    ok_TN = fin_TN.clone()
     if plan.lam > 0:  # marginal value (probability) minus cost must be positive
         ok_TN &= p_TN > plan.lam * c_TN
     take_TN = torch.zeros(T, n, dtype=torch.bool, device=sel_TE.device)
@@ -224,7 +225,7 @@ def select_variable(sel_TE: torch.Tensor, probs_TE: torch.Tensor, plan: CostPlan
         can_T = ~stop_T & (count_T < K)
         if plan.budget is not None:
             can_T &= spent_T + c_TN[:, j] <= plan.budget
-            can_T &= ok_TN[:, j] | (first_T & torch.isfinite(sel_TE.gather(1, order_TN[:, j:j + 1]).squeeze(1)))
+            can_T &= ok_TN[:, j] | (first_T & fin_TN[:, j])
         else:
             can_T &= ok_TN[:, j] | first_T
             stop_T |= ~can_T  # without a budget the used slots are a prefix
@@ -238,8 +239,7 @@ def select_variable(sel_TE: torch.Tensor, probs_TE: torch.Tensor, plan: CostPlan
         # A token whose eligible experts all exceed the budget runs its cheapest eligible one.
         none_T = count_T == 0
         if bool(none_T.any()):
-            elig_TN = torch.isfinite(sel_TE.gather(1, order_TN))
-            cheapest_T = c_TN.masked_fill(~elig_TN, float("inf")).argmin(-1)
+            cheapest_T = c_TN.masked_fill(~fin_TN, float("inf")).argmin(-1)
             take_TN[none_T, cheapest_T[none_T]] = True
     # Used candidates first (in rank order), then unused ones as weight-0 padding.
     j_TN = torch.arange(n, device=sel_TE.device).expand(T, n)
