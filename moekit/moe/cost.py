@@ -61,12 +61,11 @@ def expert_flops(cfg: MoEConfig, dim: int) -> list[int]:
     return [2 * mult * dim * w for w in expert_widths(cfg)]
 
 
-def spent_flops(flops_E: list[int], ids_TK: torch.Tensor, mask_TK: torch.Tensor | None) -> torch.Tensor:
-    """float64 scalar: expert FLOPs the routed assignments spend (unused slots excluded)."""
-    f_TK = torch.tensor(flops_E, dtype=torch.float64, device=ids_TK.device)[ids_TK]
-    if mask_TK is not None:
-        f_TK = f_TK * mask_TK
-    return f_TK.sum()
+def spent_flops(layer, routing) -> float:
+    """Expert FLOPs one forward of an MoE layer spent: its `Routing.tokens_per_expert` (the slots
+    that ran: unused dynamic-k slots excluded) times each expert's FLOPs (real widths). Computed on
+    demand, so decoding pays nothing for it."""
+    return float((routing.tokens_per_expert.double().cpu() * torch.tensor(layer.flops_E, dtype=torch.float64)).sum())
 
 
 # ---------------------------------------------------------------------------- sources
@@ -330,8 +329,8 @@ def apply_cli(model, cost_lambda: float | None = None, cost_budget: float | None
 class FlopsMeter:
     """Expert FLOPs actually spent per token, over every forward since creation / `reset`.
 
-    Forward hooks on the MoE layers read each `Routing.expert_flops` (routed assignments that ran:
-    unused dynamic-k slots excluded, real widths). Assignments dropped later by expert skipping
+    Forward hooks on the MoE layers read each forward's `Routing` (`spent_flops`: the assignments that
+    ran, unused dynamic-k slots excluded, real widths). Assignments dropped later by expert skipping
     (`moekit.memory.set_skipping`) are taken off at the layer's mean expert FLOPs (exact for equal
     widths). Tokens are counted at the first MoE layer, so the result is summed over layers."""
 
@@ -349,9 +348,9 @@ class FlopsMeter:
     def _hook(self, i: int):
         def hook(layer, args, out):
             r = out[1]
-            if r is None or r.expert_flops is None:
+            if r is None:
                 return
-            flops = float(r.expert_flops)
+            flops = spent_flops(layer, r)
             used = int(r.tokens_per_expert.sum())
             p = getattr(layer, "skip", None)
             if p is not None:  # expert skipping dropped some assignments after routing

@@ -37,9 +37,6 @@ class Routing:
     """[T, K] combine weights, only when requested."""
     cost_loss: torch.Tensor | None = None
     """Unweighted expected-cost penalty (with cost-aware routing configured; see moekit.moe.cost)."""
-    expert_flops: torch.Tensor | None = None
-    """float64 scalar: expert FLOPs these tokens' routed assignments spend (unused dynamic-k slots
-    excluded; real widths with heterogeneous experts)."""
 
     @property
     def num_experts(self) -> int:
@@ -62,7 +59,7 @@ class MoELayer(nn.Module):
         self.backend: str | None = None
         """Force an expert-execution backend by name (`moekit.moe.backends`); None chooses per call."""
         self.flops_E = cost.expert_flops(cfg, dim)
-        """FLOPs of one token through each expert (real widths), for the `expert_flops` statistic."""
+        """FLOPs of one token through each expert (real widths): `moekit.moe.cost.spent_flops`."""
         self.loss_stats = True
         """Compute balance/z losses and entropy per forward; generation turns this off (they cost
         ~0.2 ms per layer per decode step) and gets zeros in `Routing` instead."""
@@ -111,7 +108,6 @@ class MoELayer(nn.Module):
             expert_ids=ids if return_ids else None,
             weights=r.topk_weights_TK.detach() if return_ids else None,
             cost_loss=r.cost_loss,
-            expert_flops=cost.spent_flops(self.flops_E, ids, r.mask_TK),
         )
 
     @torch.no_grad()
