@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             r = measure(model, data, opts, args.eval_tokens, args.seq_len)
             res[f"{fam}|{label}"] = r
-            print(f"{path.name} {fam} {label}: bpb {r['bpb']:.4f}, {r['expert_flops_per_token'] / 1e6:.3f} MFLOPs/token",
+            print(f"{ck} {fam} {label}: bpb {r['bpb']:.4f}, {r['expert_flops_per_token'] / 1e6:.3f} MFLOPs/token",
                   file=sys.stderr)
         per_ckpt.append(res)
         names.append(str(path))
