@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": "python benchmarks/routing_pareto.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "cpu": cpu_name(), "eval_tokens": args.eval_tokens, "n_checkpoints": len(per_ckpt), "checkpoints": names}
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "pareto.json", json.dumps({**meta, "rows": rows, "per_checkpoint": per_ckpt}, indent=1))
+    payload = {**meta, "rows": rows, "per_checkpoint": per_ckpt}
+    atomic_write_text(args.out / "pareto.json", json.dumps(payload, indent=1))
     md = markdown(rows, meta)
     atomic_write_text(args.out / "pareto.md", md)
     plot(rows, args.out / "pareto.png", f"bpb vs expert FLOPs, mean +- std over {len(per_ckpt)} checkpoints")

@@ -166,7 +166,8 @@ def test_every_backend_agrees_on_variable_k(variant):
     x2 = x.clone().requires_grad_(True)
     layer.train()
     r1 = layer.router(x1)
-    o1, _ = backends.get("masked").run(backends.ExpertCall(layer, x1, r1.topk_ids_TK, r1.topk_weights_TK, mask_TK=r1.mask_TK))
+    call = backends.ExpertCall(layer, x1, r1.topk_ids_TK, r1.topk_weights_TK, mask_TK=r1.mask_TK)
+    o1, _ = backends.get("masked").run(call)
     g1 = torch.autograd.grad(o1.square().sum(), [x1, layer.experts.w13, layer.router.weight])
     r2 = layer.router(x2)
     o2 = loop_reference(x2, r2.topk_ids_TK, r2.topk_weights_TK, layer.experts)
@@ -198,7 +199,8 @@ def test_heterogeneous_experts_equal_a_per_expert_loop():
     for t in range(30):
         for k in range(2):
             g, u, d = ffns[int(ids[t, k])]
-            yb = yb.index_add(0, torch.tensor([t]), (w[t, k] * F.linear(F.silu(F.linear(xb[t], g)) * F.linear(xb[t], u), d))[None])
+            y = w[t, k] * F.linear(F.silu(F.linear(xb[t], g)) * F.linear(xb[t], u), d)
+            yb = yb.index_add(0, torch.tensor([t]), y[None])
     torch.testing.assert_close(ya, yb, atol=1e-6, rtol=1e-5)
     gy = torch.randn_like(ya)
     ga = torch.autograd.grad(ya, [xa, ex.w13, ex.w2], gy, retain_graph=True)

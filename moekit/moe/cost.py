@@ -125,7 +125,8 @@ class OffloadMissCost(ExpertCost):
 
     def raw(self, cfg, dim):
         if self.cache is None:
-            raise MoekitError("an unbound offload_misses cost: set it with set_routing_cost(model, cost='offload_misses')")
+            raise MoekitError("an unbound offload_misses cost: set it with "
+                              "set_routing_cost(model, cost='offload_misses')")
         return torch.tensor([0.0 if self.cache.contains_ready(e) else 1.0 for e in range(cfg.num_experts)])
 
 
