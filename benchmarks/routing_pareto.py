@@ -86,15 +86,18 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def aggregate(per_ckpt: list[dict]) -> list[dict]:
-    """One row per setting: mean and std over checkpoints of bpb, FLOPs/token and experts/token."""
+def aggregate(per_ckpt: list[dict], ref_keys: list[str]) -> list[dict]:
+    """One row per setting: mean and std over checkpoints of bpb, FLOPs/token and experts/token, and
+    of the paired bpb difference to each checkpoint's own trained top-k (`ref_keys`): seeds shift
+    every setting of a checkpoint alike, so the paired spread is the one that resolves settings."""
     rows = []
     for key in per_ckpt[0]:
-        runs = [c[key] for c in per_ckpt if key in c]
+        runs = [(c[key], c[ref]) for c, ref in zip(per_ckpt, ref_keys) if key in c]
         fam, label = key.split("|", 1)
         row = {"family": fam, "setting": label, "n": len(runs)}
         for m in ("bpb", "expert_flops_per_token", "experts_per_token_per_layer"):
-            row[m], row[m + "_std"] = _mean_std([r[m] for r in runs])
+            row[m], row[m + "_std"] = _mean_std([r[m] for r, _ in runs])
+        row["dbpb"], row["dbpb_std"] = _mean_std([r["bpb"] - ref["bpb"] for r, ref in runs])
         rows.append(row)
     return rows
 
@@ -104,10 +107,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"Command: `{meta['command']}`", "",
              f"Machine: {meta['cpu']}. val bpb on the first {meta['eval_tokens']} tokens; mean +- std over "
              "checkpoints (seeds). Expert FLOPs per token are summed over MoE layers.", "",
-             "| family | setting | val bpb | expert MFLOPs / token | experts / token / layer |",
-             "|---|---|---:|---:|---:|"]
+             "Δ bpb: paired difference to the same checkpoint's trained top-k (mean +- std over checkpoints).", "",
+             "| family | setting | val bpb | Δ bpb vs trained top-k | expert MFLOPs / token | experts / token / layer |",
+             "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['family']} | {r['setting']} | {r['bpb']:.4f} +- {r['bpb_std']:.4f} | "
+                     f"{r['dbpb']:+.4f} +- {r['dbpb_std']:.4f} | "
                      f"{r['expert_flops_per_token'] / 1e6:.3f} +- {r['expert_flops_per_token_std'] / 1e6:.3f} | "
                      f"{r['experts_per_token_per_layer']:.2f} +- {r['experts_per_token_per_layer_std']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -170,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     # Plan: 1. per checkpoint: load, evaluate every setting; 2. mean/std per setting across
     # checkpoints; 3. JSON, markdown and plot, each written atomically.
-    per_ckpt, names = [], []
+    per_ckpt, names, refs = [], [], []
     for ck in args.checkpoints:
         path = resolve_checkpoint(ck)
         model = load_native(path).eval()
@@ -188,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         per_ckpt.append(res)
         names.append(str(path))
-    rows = aggregate(per_ckpt)
+        refs.append(f"top-k|k={model.config.moe.top_k}")
+        if refs[-1] not in res:  # the trained k was not among --ks: measure it as the reference
+            res[refs[-1]] = measure(model, data, {"top_k": model.config.moe.top_k}, args.eval_tokens, args.seq_len)
+    rows = aggregate(per_ckpt, refs)
     meta = {"command": "python benchmarks/routing_pareto.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "cpu": cpu_name(), "eval_tokens": args.eval_tokens, "n_checkpoints": len(per_ckpt), "checkpoints": names}
     args.out.mkdir(parents=True, exist_ok=True)
