@@ -10,6 +10,7 @@ from moekit.config import ConfigError, ModelConfig, MoEConfig
 from moekit.model.params import ParamCount, count_params, dense_equivalent
 from moekit.model.transformer import ModelOutput, Transformer, build_model
 from moekit.moe.layer import MoELayer, Routing, pack_experts
+from moekit.moe.cost import FlopsMeter, clear_routing_cost, set_routing_cost
 from moekit.presets import get_preset, preset_names
 
 __version__ = "0.1.0"
@@ -44,4 +45,5 @@ __all__ = [
     "build_model", "count_params", "dense_equivalent", "get_preset", "load_model", "pack_experts", "preset_names",
     "resolve_config",
     "save_model",
+    "FlopsMeter", "clear_routing_cost", "set_routing_cost",
 ]

@@ -34,6 +34,9 @@ GATED_ACTS = ("swiglu", "geglu", "clamped_swiglu")
 """Activations whose first projection is fused gate + up ([2F, D], gate rows first)."""
 DROP_POLICIES = ("score", "position")
 GROUP_SCORES = ("top2_sum", "max")
+COST_SOURCES = ("flops", "vector")
+"""Config-level expert cost sources; live ones (offload-cache misses) are set at run time with
+`moekit.moe.cost.set_routing_cost` / `--cost-source offload_misses`."""
 ATTENTIONS = ("gqa", "mla")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -95,6 +98,21 @@ class MoEConfig:
     """Sigmoid gain of `clamped_swiglu` (unused by the other activations)."""
     swiglu_limit: float = 7.0
     """Clamp of `clamped_swiglu`: gate <= limit, -limit <= up <= limit."""
+    # Cost-aware routing (moekit.moe.cost; docs/routing.md). All off by default.
+    cost_lambda: float = 0.0
+    """Select experts by score - cost_lambda * normalised cost (weights still from the scores); 0 = off."""
+    cost_source: str = "flops"
+    """Where expert costs come from: flops (real FLOPs by width) or vector (`cost_vector`)."""
+    cost_vector: list[float] | None = None
+    """One cost per expert (any unit, >= 0) for cost_source = vector."""
+    cost_budget: float | None = None
+    """Per-token cost budget in normalised units (1.0 = the most expensive expert); None = off."""
+    dynamic_k: float = 0.0
+    """Dynamic-k: run experts in score order until their probability reaches this (top-p); 0 = off."""
+    cost_loss_coef: float = 0.0
+    """Weight of the expected-cost penalty in the training loss."""
+    expert_dims: list[int] | None = None
+    """Heterogeneous experts: the hidden width of each routed expert (max = expert_dim; stored padded)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -137,6 +155,39 @@ class MoEConfig:
         if self.expert_act == "clamped_swiglu" and not (self.swiglu_limit > 0 and self.swiglu_alpha > 0):
             _fail("moe.swiglu_limit", f"clamped_swiglu needs swiglu_limit > 0 and swiglu_alpha > 0, got "
                   f"{self.swiglu_limit} / {self.swiglu_alpha}")
+        self._validate_cost()
+
+    def _validate_cost(self) -> None:
+        if not (self.cost_lambda >= 0 and math.isfinite(self.cost_lambda)):
+            _fail("moe.cost_lambda", f"must be a finite number >= 0 (0 = off), got {self.cost_lambda}")
+        if self.cost_source not in COST_SOURCES:
+            _fail("moe.cost_source", f"unknown {self.cost_source!r}; choose one of {', '.join(COST_SOURCES)}")
+        if (self.cost_source == "vector") != (self.cost_vector is not None):
+            _fail("moe.cost_vector", "give cost_vector together with cost_source = 'vector' (one cost per expert)")
+        if self.cost_vector is not None and (len(self.cost_vector) != self.num_experts
+                                             or any(not (c >= 0 and math.isfinite(c)) for c in self.cost_vector)):
+            _fail("moe.cost_vector", f"needs {self.num_experts} finite costs >= 0, got {self.cost_vector}")
+        if self.cost_budget is not None and not self.cost_budget > 0:
+            _fail("moe.cost_budget", f"must be > 0 (normalised units, 1.0 = the costliest expert) or null, "
+                  f"got {self.cost_budget}")
+        if not 0 <= self.dynamic_k <= 1:
+            _fail("moe.dynamic_k", f"is a probability threshold in [0, 1] (0 = off), got {self.dynamic_k}")
+        if self.cost_loss_coef < 0:
+            _fail("moe.cost_loss_coef", f"must be >= 0, got {self.cost_loss_coef}")
+        variable = self.cost_budget is not None or self.dynamic_k > 0
+        if self.router == "soft" and (variable or self.cost_lambda):
+            _fail("moe.router", "the soft router runs every expert: cost-aware routing does not apply")
+        if variable and self.capacity_factor is not None:
+            _fail("moe.capacity_factor", "dynamic-k and cost budgets need dropless routing: set it to null")
+        if self.expert_dims is not None:
+            if len(self.expert_dims) != self.num_experts or any(d < 1 for d in self.expert_dims):
+                _fail("moe.expert_dims", f"needs {self.num_experts} widths >= 1, got {self.expert_dims}")
+            if self.expert_bias:
+                _fail("moe.expert_dims", "heterogeneous widths with expert biases are not supported (a padded unit "
+                      "would see its bias); use equal widths or expert_bias = false")
+            if max(self.expert_dims) != self.expert_dim:
+                _fail("moe.expert_dim", f"must equal max(expert_dims) = {max(self.expert_dims)} (the padded "
+                      f"storage width), got {self.expert_dim}")
 
     @property
     def gated(self) -> bool:

@@ -24,7 +24,20 @@ def model_info(model: str) -> dict:
         "weight_bytes": {dt: weight_bytes(pc, dt) for dt in ("bf16", "int8", "int4")},
         "moe_layers": cfg.moe_layers,
         "dense_equivalent_active_params": dense.active_params if dense else None,
+        "routed_expert_flops": _expert_flops(cfg),
     }
+
+
+def _expert_flops(cfg) -> dict | None:
+    """FLOPs of one token through each routed expert (real widths) and per token over MoE layers."""
+    if not cfg.is_moe:
+        return None
+    from moekit.moe.cost import expert_flops
+
+    m = cfg.moe
+    per = expert_flops(m, cfg.dim)
+    k = m.num_experts if m.router == "soft" else m.top_k
+    return {"per_expert": per, "per_token_all_layers": len(cfg.moe_layers) * k * sum(per) // len(per)}
 
 
 def _fmt(n: float) -> str:
@@ -53,7 +66,8 @@ def info(model: str, json: bool = False) -> int:
     moe = cfg.get("moe")
     desc = f"{cfg['n_layers']} layers, dim {cfg['dim']}, {cfg['n_heads']} heads ({cfg['n_kv_heads'] or cfg['n_heads']} kv), vocab {cfg['vocab_size']}"
     if moe:
-        desc += (f"; MoE in layers {d['moe_layers']}: {moe['num_experts']} experts x {moe['expert_dim']} wide, "
+        wide = moe["expert_dims"] or moe["expert_dim"]  # heterogeneous: the list of real widths
+        desc += (f"; MoE in layers {d['moe_layers']}: {moe['num_experts']} experts x {wide} wide, "
                  f"top-{moe['top_k']} ({moe['router']})")
         if moe["num_shared_experts"]:
             desc += f", shared expert {moe['shared_expert_dim']} wide"
@@ -83,6 +97,11 @@ def info(model: str, json: bool = False) -> int:
     for dt, b in d["weight_bytes"].items():
         m.add_row(dt, f"{b:,}", f"{b / GIB:.3f}")
     con.print(m)
+    if d["routed_expert_flops"]:
+        f = d["routed_expert_flops"]
+        per = sorted(set(f["per_expert"]))
+        con.print(f"routed-expert FLOPs per token: {_fmt(f['per_token_all_layers'])} over the MoE layers (one expert: "
+                  + " / ".join(_fmt(x) for x in per) + ")")
     if d["dense_equivalent_active_params"]:
         con.print(f"dense equivalent (same active params): {_fmt(d['dense_equivalent_active_params'])} params")
     return 0

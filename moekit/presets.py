@@ -74,6 +74,18 @@ def _small_moe() -> ModelConfig:
                        source="moekit default training model")
 
 
+@register("small-moe-fg")
+def _small_moe_fg() -> ModelConfig:
+    """The main job's MoE: small-moe with DeepSeekMoE-style fine-grained experts (16 of width 256,
+    top-3) plus one shared expert of width 256, at small-moe's active FFN width (3 x 256 + 256 = 1024),
+    so its dense_equivalent is small-moe's. Chosen by the recipe screen of docs/experiments.md."""
+    return ModelConfig(vocab_size=8192, dim=256, n_layers=4, n_heads=4, ffn_dim=1024, max_seq_len=512,
+                       tie_embeddings=True,
+                       moe=MoEConfig(num_experts=16, top_k=3, expert_dim=256, num_shared_experts=1,
+                                     shared_expert_dim=256, aux_loss_coef=0.01),
+                       source="moekit main-job training model (fine-grained + shared expert)")
+
+
 # ---------------------------------------------------------------------------- real model shapes
 @register("mixtral-8x7b")
 def _mixtral_8x7b() -> ModelConfig:

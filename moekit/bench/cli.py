@@ -150,7 +150,9 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
               dtype: Literal["bfloat16", "float32"] = "bfloat16", threads: int = 2, out: Path = Path("bench_results"),
               quick: bool = False, seed: int = 0, timeout: int = 900, max_prefill_tokens: int = 0,
               rounds: int = 1, rejudge: Path | None = None,
-              precision: Literal["auto", "bf16", "fp32"] = "auto") -> int:
+              precision: Literal["auto", "bf16", "fp32"] = "auto", cost_lambda: float | None = None,
+              cost_budget: float | None = None, dynamic_k: float | None = None, cost_source: str | None = None,
+              route_top_k: int | None = None) -> int:
     """Benchmark generation speed against the dense equivalent, transformers and llama.cpp.
 
     Prefill tokens/s, time to first token, decode tokens/s, per-token latency p50/p99 (the maximum
@@ -183,6 +185,11 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
             need 2 or more (yes/no only outside the spread over rounds); 1 round is indicative.
         rejudge: an earlier run's results.json: judge it again with the current rules (roofline
             fractions per round, verdicts, labels) and write results.md to --out; runs nothing.
+        cost_lambda: moekit engines route cost-aware: score - lambda * normalised cost (docs/routing.md).
+        cost_budget: moekit engines: per-token expert-cost budget (normalised units).
+        dynamic_k: moekit engines: dynamic-k top-p threshold.
+        cost_source: expert costs for the options above: flops (default) or comma-separated numbers.
+        route_top_k: moekit engines run up to this many experts per token instead of the model's top_k.
     """
     from moekit.bench import report
     from moekit.bench.roofline import Machine, measure_machine
@@ -210,6 +217,9 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
                f"{' '.join(engines)} --dtype {dtype} --precision {precision} --threads {threads} --seed {seed}"
                + (f" --max-prefill-tokens {max_prefill_tokens}" if max_prefill_tokens else "")
                + (f" --rounds {rounds}" if rounds > 1 else ""))
+    routing = {k: v for k, v in {"cost_lambda": cost_lambda, "cost_budget": cost_budget, "dynamic_k": dynamic_k,
+                                 "cost_source": cost_source, "route_top_k": route_top_k}.items() if v is not None}
+    command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in routing.items())
 
     from rich.console import Console
 
@@ -252,7 +262,8 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
                     continue
                 spec = {"engine": eng, "path": paths[eng], "dtype": dtype, "precision": precision,
                         "threads": threads, "seed": seed,
-                        "batch_sizes": [b], "prompt_lens": [p], "new_tokens": new_tokens, "max_prefill_tokens": 0}
+                        "batch_sizes": [b], "prompt_lens": [p], "new_tokens": new_tokens, "max_prefill_tokens": 0,
+                        "routing": routing}
                 (tmp / "spec.json").write_text(json.dumps(spec))
                 res_path = tmp / f"{eng}.json"
                 res_path.unlink(missing_ok=True)

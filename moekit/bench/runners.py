@@ -166,6 +166,10 @@ def _load(spec: dict):
                 if moekit.pack_experts(model) == 0:
                     raise RuntimeError("moekit-packed: no expert weights were packed (no MoE layer, or the "
                                        "packed kernel cannot take this model/dtype/build)")
+        if eng != "dense" and spec.get("routing"):  # cost-aware routing options (moekit.moe.cost)
+            from moekit.moe.cost import apply_cli
+
+            apply_cli(model, **spec["routing"])
         # The compute-dtype policy (moekit.precision) once, before timing: with "auto", fp32 compute
         # where bf16 is not native (big weights stay bf16 where the kernels widen them).
         prec = spec.get("precision", "auto")

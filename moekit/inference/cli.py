@@ -95,7 +95,9 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
                  dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto", threads: int = 0,
                  pack_experts: bool = False, skip_beta: float = 0.0, skip_alpha: float = 0.0,
                  expert_memory_budget: str | None = None, cache_policy: Literal["lru", "lfu"] = "lru",
-                 prefetch: bool = True) -> int:
+                 prefetch: bool = True, cost_lambda: float | None = None, cost_budget: float | None = None,
+                 dynamic_k: float | None = None, cost_source: str | None = None,
+                 route_top_k: int | None = None) -> int:
     """Generate text (or token ids) from a model directory, .gguf file or preset.
 
     One --prompt streams its continuation to the terminal as it is produced; --prompts-file runs a
@@ -127,6 +129,12 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
             of the expert weights (0.4) kept resident; the rest are read from the safetensors file.
         cache_policy: eviction of the offloaded-expert cache.
         prefetch: prefetch the next layer's likely experts on a background thread (with offloading).
+        cost_lambda: cost-aware routing: choose experts by score - lambda * normalised cost (docs/routing.md).
+        cost_budget: per-token expert-cost budget in normalised units (1.0 = the costliest expert).
+        dynamic_k: dynamic-k: run experts in score order until their probability reaches this (top-p).
+        cost_source: expert costs: flops (default), offload_misses (with --expert-memory-budget: 1 for
+            experts not in the cache), or one number per expert separated by commas.
+        route_top_k: run up to this many experts per token instead of the model's top_k.
     """
     from moekit.checkpoint.native import atomic_write_text
     from moekit.inference.engine import Engine
@@ -153,6 +161,10 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
         apply_inference_policy(m, dtype)
     else:
         m = load_for_inference(model, dtype, seed)
+    from moekit.moe.cost import FlopsMeter, apply_cli
+
+    routed = apply_cli(m, cost_lambda, cost_budget, dynamic_k, cost_source, route_top_k)
+    meter = FlopsMeter(m) if (routed or skip_beta or skip_alpha) and m.moe_layers() else None
     # tokenizer.json beside the weights, else one the loader attached (e.g. embedded in a GGUF).
     tok = load_tokenizer(model) or getattr(m, "tokenizer", None)
     prompts = [encode(prompt, tok)] if prompt is not None else _read_prompts(Path(prompts_file), tok)
@@ -180,7 +192,7 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
         s = engine.stats
         print(f"[{s.generated_tokens} tokens; prefill {s.prefill_s * 1e3:.0f} ms, "
               f"decode {s.generated_tokens / max(s.decode_s, 1e-9):.1f} tok/s]", file=sys.stderr)
-        _memory_report(m, s.generated_tokens)
+        _memory_report(m, s.generated_tokens, meter)
         return 0
 
     results = engine.generate(prompts, params)
@@ -198,12 +210,15 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
         s = engine.stats
         print(f"wrote {len(results)} results to {output} ({s.generated_tokens} tokens, "
               f"{s.generated_tokens / max(s.prefill_s + s.decode_s, 1e-9):.1f} tok/s)", file=sys.stderr)
-    _memory_report(m, engine.stats.generated_tokens)
+    _memory_report(m, engine.stats.generated_tokens, meter)
     return 0
 
 
-def _memory_report(m, tokens: int) -> None:
-    """Skipping and offloading telemetry on stderr (nothing when neither is on)."""
+def _memory_report(m, tokens: int, meter=None) -> None:
+    """Skipping, cost-routing and offloading telemetry on stderr (nothing when none is on)."""
+    if meter is not None:
+        print(f"[expert FLOPs: {json.dumps(meter.stats())}]", file=sys.stderr)
+        meter.close()
     if any(getattr(layer, "skip", None) is not None for layer in m.moe_layers()):
         from moekit.memory.skip import skip_stats
 

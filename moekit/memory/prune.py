@@ -84,6 +84,9 @@ def prune_model(model, keep: list[list[int]]):
     if cfg.moe.n_group > 1 and n != E:
         raise MoekitError(f"group-limited routing (n_group={cfg.moe.n_group}) ties experts to groups; "
                           "pruning such models is not supported")
+    if (cfg.moe.expert_dims or cfg.moe.cost_vector) and n != E:
+        raise MoekitError("the config holds one width/cost per expert (moe.expert_dims / moe.cost_vector), shared by "
+                          "every layer; pruning such models is not supported")
     if cfg.moe.router == "soft":
         moe_cfg = cfg.moe.__class__(**{**cfg.moe.__dict__, "num_experts": n, "top_k": n})
     else:

@@ -96,10 +96,14 @@ class SkipBackend(backends.ExpertBackend):
         T, K = ids_TK.shape
         E = call.experts.num_experts
         keep_TK = p.keep_mask(ids_TK, w_TK, E)
+        if call.mask_TK is not None:  # dynamic-k routing: unused slots never run (weight 0, so not the top)
+            keep_TK &= call.mask_TK
         if p.renormalize:
             kept_TK = w_TK * keep_TK
             w_TK = kept_TK * (w_TK.sum(-1, keepdim=True) / kept_TK.sum(-1, keepdim=True).clamp_min(1e-30))
         n_skip = int((~keep_TK).sum())
+        if call.mask_TK is not None:  # unused dynamic-k slots were never going to run: not a skip
+            n_skip -= int((~call.mask_TK).sum())
         p.assignments += T * K
         p.skipped += n_skip
         if T // max(p.batch, 1) > 1:

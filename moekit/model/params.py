@@ -87,6 +87,20 @@ def router_params(dim: int, m: MoEConfig) -> int:
     return n
 
 
+def _widths(m: MoEConfig) -> list[int]:
+    return list(m.expert_dims) if m.expert_dims else [m.expert_dim] * m.num_experts
+
+
+def padded_expert_params(cfg: ModelConfig) -> int:
+    """Zero parameters the padded storage of heterogeneous experts holds (0 for equal widths):
+    the module has count_params(cfg).total_params + this many elements."""
+    m = cfg.moe
+    if m is None or not m.expert_dims:
+        return 0
+    full = ffn_params(cfg.dim, m.expert_dim, m.expert_act) * m.num_experts
+    return len(cfg.moe_layers) * (full - sum(ffn_params(cfg.dim, w, m.expert_act) for w in m.expert_dims))
+
+
 def count_params(cfg: ModelConfig) -> ParamCount:
     """Total and active parameter counts by component for a config."""
     total = dict.fromkeys(COMPONENTS, 0)
@@ -100,8 +114,9 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     total["dense_ffn"] = (cfg.n_layers - n_moe) * ffn_params(cfg.dim, cfg.ffn_dim)
     if m is not None and n_moe:
         total["router"] = n_moe * router_params(cfg.dim, m)
-        per_expert = ffn_params(cfg.dim, m.expert_dim, m.expert_act, m.expert_bias)
-        total["routed_experts"] = n_moe * m.num_experts * per_expert
+        # Real (unpadded) widths: heterogeneous experts are stored padded to expert_dim with zeros.
+        per_layer = sum(ffn_params(cfg.dim, w, m.expert_act, m.expert_bias) for w in _widths(m))
+        total["routed_experts"] = n_moe * per_layer
         if m.num_shared_experts:
             shared = ffn_params(cfg.dim, m.shared_expert_dim, m.expert_act) + (cfg.dim if m.shared_expert_gate else 0)
             total["shared_experts"] = n_moe * shared
@@ -109,7 +124,9 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     if m is not None and n_moe:
         # The noise projection only runs in training; the router proper is always active.
         k = m.num_experts if m.router == "soft" else m.top_k
-        active["routed_experts"] = n_moe * k * ffn_params(cfg.dim, m.expert_dim, m.expert_act, m.expert_bias)
+        # Heterogeneous widths: k experts of the mean width (the expectation under uniform routing).
+        active["routed_experts"] = n_moe * (k * sum(ffn_params(cfg.dim, w, m.expert_act, m.expert_bias)
+                                                    for w in _widths(m)) // m.num_experts)
     return ParamCount(total, active, tied=cfg.tie_embeddings)
 
 
@@ -127,7 +144,7 @@ def dense_equivalent(cfg: ModelConfig) -> ModelConfig:
         return cfg.replace(name=f"{cfg.name}-dense" if not cfg.name.endswith("-dense") else cfg.name)
     k = m.num_experts if m.router == "soft" else m.top_k
     mult = 3 if m.gated else 2
-    active_ffn = k * mult * cfg.dim * m.expert_dim + router_params(cfg.dim, m)
+    active_ffn = k * mult * cfg.dim * sum(_widths(m)) // m.num_experts + router_params(cfg.dim, m)
     if m.num_shared_experts:
         active_ffn += ffn_params(cfg.dim, m.shared_expert_dim, m.expert_act) + (cfg.dim if m.shared_expert_gate else 0)
     n_moe = len(cfg.moe_layers)

@@ -96,6 +96,7 @@ class Transformer(nn.Module):
                 for b in (mod.b13, mod.b2):
                     if b is not None:
                         nn.init.zeros_(b)
+                mod.zero_padding()  # heterogeneous widths: padded units stay zero
             elif isinstance(mod, Router):
                 nn.init.normal_(mod.weight, std=std)
                 for p in (mod.bias, mod.noise_weight):
@@ -176,6 +177,8 @@ class Transformer(nn.Module):
                 "balance": mcfg.aux_loss_coef * torch.stack([r.aux_loss for r in moe_r]).sum(),
                 "z": mcfg.z_loss_coef * torch.stack([r.z_loss for r in moe_r]).sum(),
             }
+            if mcfg.cost_loss_coef:  # expected-cost penalty of cost-aware routing (moekit.moe.cost)
+                out.aux_losses["cost"] = mcfg.cost_loss_coef * torch.stack([r.cost_loss for r in moe_r]).sum()
         if labels is not None:
             ce = cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
             out.ce_loss = ce

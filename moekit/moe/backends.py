@@ -13,6 +13,8 @@ Forcing, for tests and benchmarks: `layer.backend = "name"` (one layer), `set_ba
 backend that cannot run the call is an error that says why, never a silent fallback.
 
 Built-in backends, in selection order:
+- `masked`: dynamic-k / budget routing (some slots unused): drops the unused slots, then runs the
+  rest like `skip` does (moekit.memory.skip, registered ahead of it, honours the mask too).
 - `cpu-packed`: CPU inference on weights packed by `pack_experts` (one outer-product kernel call).
 - `cpu-fused-topk`: CPU inference at decode sizes: grouping, experts and combine in one kernel call.
 - `cpu-grouped`: CPU inference: dispatch, small experts in the compiled kernel and big ones in
@@ -35,7 +37,7 @@ from torch import nn
 
 from moekit import kernels
 from moekit.errors import MoekitError
-from moekit.moe.dispatch import loop_reference
+from moekit.moe.dispatch import Dispatched, loop_reference
 from moekit.moe.experts import GroupedExperts, _inference
 
 if TYPE_CHECKING:
@@ -55,6 +57,8 @@ class ExpertCall:
     """float32 combine weights (routing math stays in float32)."""
     packed: object = None
     """The packed expert weights `cpu-packed` found while checking the call (reused by its run)."""
+    mask_TK: torch.Tensor | None = None
+    """Dynamic-k / budget routing: the slots that run (unused ones carry weight 0); None: all."""
 
     @property
     def cfg(self):
@@ -219,6 +223,49 @@ class TorchBackend(ExpertBackend):
         return call.layer.dispatcher.combine(y_SD, d), d.dropped
 
 
+def run_kept(call: ExpertCall, keep_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+    """Run only the assignments `keep_TK` marks (rows sorted by expert), combine with `w_TK`:
+    -> out_TD in x's dtype. Shared by the `masked` backend and expert skipping. Autograd works
+    through the generic path (dispatch by indexing, experts module, dispatcher.combine)."""
+    ids_TK, x_TD = call.topk_ids_TK, call.x_TD
+    T, K = ids_TK.shape
+    ex = call.experts
+    ids_A, w_A, keep_A = ids_TK.reshape(-1), w_TK.reshape(-1), keep_TK.reshape(-1)
+    order_A = torch.argsort(ids_A, stable=True)
+    rows_S = order_A[keep_A[order_A]]
+    counts_E = torch.bincount(ids_A[keep_A], minlength=ex.num_experts)
+    weights_S = w_A[rows_S]
+    x_SD = x_TD[rows_S // K]
+    zero = _zero(x_TD)
+    if call.cfg.weight_on_input:
+        x_SD = x_SD * weights_S.to(x_SD.dtype).unsqueeze(-1)
+        d = Dispatched(x_SD, counts_E, rows_S, weights_S, T, K, zero, True)
+        return call.layer.dispatcher.combine(ex(x_SD, counts_E), d)
+    if isinstance(ex, GroupedExperts) and x_TD.is_cpu and call.no_grad:
+        return ex.forward_combine(x_SD, counts_E, rows_S, weights_S, T, K).to(x_TD.dtype)
+    d = Dispatched(x_SD, counts_E, rows_S, weights_S, T, K, zero)
+    return call.layer.dispatcher.combine(ex(x_SD, counts_E), d)
+
+
+class MaskedBackend(ExpertBackend):
+    """Dynamic-k / budget routing (`moekit.moe.cost`): runs only the slots the router marked as
+    used, so tokens that need fewer experts cost fewer FLOPs. Inference and training."""
+
+    name = "masked"
+
+    def why_not(self, call):
+        if call.mask_TK is None or bool(call.mask_TK.all()):
+            return "no variable-k routing on this call (every slot runs)"
+        if not call.local:
+            return "the dispatcher is not local (expert parallel)"
+        if call.cfg.capacity_factor is not None:
+            return "capacity-factor dispatch"
+        return None
+
+    def run(self, call):
+        return run_kept(call, call.mask_TK, call.topk_weights_TK.float()), _zero(call.x_TD)
+
+
 _REGISTRY: list[tuple[int, ExpertBackend]] = []
 
 
@@ -305,6 +352,7 @@ def would_use(layer: "MoELayer", tokens: int, dtype: torch.dtype | None = None, 
         return select(ExpertCall(layer, x, ids, w)).describe()
 
 
+register(MaskedBackend(), 900)
 register(CpuPackedBackend(), 400)
 register(CpuFusedTopkBackend(), 300)
 register(CpuGroupedBackend(), 200)

@@ -187,21 +187,40 @@ class GroupedExperts(nn.Module):
     """E expert FFNs stored as stacked tensors; runs rows already grouped by expert."""
 
     def __init__(self, num_experts: int, dim: int, hidden: int, act: str = "swiglu", bias: bool = False,
-                 alpha: float = 1.702, limit: float = 7.0):
+                 alpha: float = 1.702, limit: float = 7.0, widths: list[int] | None = None):
         super().__init__()
         self.num_experts, self.dim, self.hidden, self.act = num_experts, dim, hidden, act
         self.alpha, self.limit = alpha, limit
         H = 2 * hidden if act in GATED_ACTS else hidden
         self.w13 = nn.Parameter(torch.empty(num_experts, H, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.widths = list(widths) if widths is not None and any(w != hidden for w in widths) else None
+        """Heterogeneous experts: expert e uses hidden units [0, widths[e]) of the padded width
+        `hidden`. The other gate/up rows and down columns are zero and stay zero in training: a
+        padded unit's activation is act(0) * 0 = 0 (gated) or gelu(0) = 0, so its down column gets
+        no gradient, and with a zero down column its gate/up rows get none either (AdamW's decay
+        and update keep zeros at zero). Every backend and kernel runs the padded stacks unchanged."""
         nn.init.normal_(self.w13, std=0.02)
         nn.init.normal_(self.w2, std=0.02)
         self.b13 = nn.Parameter(torch.zeros(num_experts, H)) if bias else None
         self.b2 = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
+        self.zero_padding()
         self._packed: kernels.PackedExperts | None = None
         self._packed_stamp: tuple = ()
         self.use_packed = True
         """Use the packed copy when there is one (False: the row-major paths, for comparisons)."""
+
+    @torch.no_grad()
+    def zero_padding(self) -> None:
+        """Zero the padded hidden units of narrower experts (after any re-initialisation)."""
+        if self.widths is None or self.w13.is_meta:
+            return
+        F_, gated = self.hidden, self.w13.shape[1] == 2 * self.hidden
+        for e, w in enumerate(self.widths):
+            self.w13[e, w:F_].zero_()
+            if gated:
+                self.w13[e, F_ + w:].zero_()
+            self.w2[e, :, w:].zero_()
 
     def _stamp(self) -> tuple:
         return (self.w13.data_ptr(), self.w13._version, self.w2.data_ptr(), self.w2._version)

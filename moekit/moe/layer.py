@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig
-from moekit.moe import backends, balance
+from moekit.moe import backends, balance, cost
 from moekit.moe.dispatch import Dispatcher
 from moekit.moe.experts import DenseFFN, GroupedExperts
 from moekit.moe.router import Router
@@ -35,6 +35,8 @@ class Routing:
     """[T, K] chosen experts, only when requested (telemetry, analysis)."""
     weights: torch.Tensor | None = None
     """[T, K] combine weights, only when requested."""
+    cost_loss: torch.Tensor | None = None
+    """Unweighted expected-cost penalty (with cost-aware routing configured; see moekit.moe.cost)."""
 
     @property
     def num_experts(self) -> int:
@@ -49,7 +51,7 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.router = Router(dim, cfg)
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_dim, cfg.expert_act, bias=cfg.expert_bias,
-                                      alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
+                                      alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit, widths=cfg.expert_dims)
         self.dispatcher = Dispatcher(cfg)
         self.shared = DenseFFN(dim, cfg.shared_expert_dim, cfg.expert_act) if cfg.num_shared_experts else None
         self.shared_gate = nn.Linear(dim, 1, bias=False) if (self.shared is not None and cfg.shared_expert_gate) else None
@@ -57,6 +59,8 @@ class MoELayer(nn.Module):
         """Run the per-expert loop instead of dispatch (tests / debugging); same as backend="reference"."""
         self.backend: str | None = None
         """Force an expert-execution backend by name (`moekit.moe.backends`); None chooses per call."""
+        self.flops_E = cost.expert_flops(cfg, dim)
+        """FLOPs of one token through each expert (real widths): `moekit.moe.cost.spent_flops`."""
         self.loss_stats = True
         """Compute balance/z losses and entropy per forward; generation turns this off (they cost
         ~0.2 ms per layer per decode step) and gets zeros in `Routing` instead."""
@@ -70,7 +74,8 @@ class MoELayer(nn.Module):
         shape = x_BSD.shape
         x_TD = x_BSD.reshape(-1, shape[-1])
         r = self.router(x_TD)
-        out_TD, dropped = backends.run(backends.ExpertCall(self, x_TD, r.topk_ids_TK, r.topk_weights_TK))
+        out_TD, dropped = backends.run(backends.ExpertCall(self, x_TD, r.topk_ids_TK, r.topk_weights_TK,
+                                                           mask_TK=r.mask_TK))
         if self.shared is not None:
             s_TD = self.shared(x_TD)
             if self.shared_gate is not None:
@@ -82,7 +87,8 @@ class MoELayer(nn.Module):
     def _routing(self, r, batch: int, dropped: torch.Tensor, return_ids: bool) -> Routing:
         cfg = self.cfg
         ids = r.topk_ids_TK
-        tokens_per_expert = torch.bincount(ids.reshape(-1), minlength=cfg.num_experts)
+        used = ids.reshape(-1) if r.mask_TK is None else ids[r.mask_TK]  # dynamic-k: unused slots don't count
+        tokens_per_expert = torch.bincount(used, minlength=cfg.num_experts)
         # Cheap (O(T*E)) next to the experts, so always computed: eval telemetry sees real values.
         if not self.loss_stats:
             aux = z = entropy = torch.zeros((), device=ids.device)
@@ -102,6 +108,7 @@ class MoELayer(nn.Module):
             z_loss=z,
             expert_ids=ids if return_ids else None,
             weights=r.topk_weights_TK.detach() if return_ids else None,
+            cost_loss=r.cost_loss,
         )
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import MoEConfig
+from moekit.moe.cost import CostPlan, resolve, select_variable
 from moekit.utils import Fp32Buffers
 
 
@@ -30,6 +31,10 @@ class RouterOutput:
     probs_TE: torch.Tensor
     """Normalised score distribution per token (softmax, or sigmoid scores / their sum), float32;
     used for the balance loss and router entropy."""
+    mask_TK: torch.Tensor | None = None
+    """Dynamic-k / budget routing: which slots run (bool); unused slots have weight 0. None: all."""
+    cost_loss: torch.Tensor | None = None
+    """Expected normalised expert cost under probs_TE (with a cost plan; see moekit.moe.cost)."""
 
 
 class Router(Fp32Buffers):
@@ -53,6 +58,8 @@ class Router(Fp32Buffers):
             self.register_buffer("score_bias", torch.zeros(E, dtype=torch.float32))
         else:
             self.score_bias = None
+        self.cost_override = None
+        """Inference-time cost-routing settings (`moekit.moe.cost.set_routing_cost`); None: the config's."""
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
@@ -65,7 +72,7 @@ class Router(Fp32Buffers):
         if self.training and self.noise_weight is not None:
             std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float()))
             logits_TE = logits_TE + torch.randn_like(logits_TE) * std_TE
-        return route(logits_TE, cfg, self.score_bias)
+        return route(logits_TE, cfg, self.score_bias, resolve(self, logits_TE.device))
 
 
 def _group_mask(sel_TE: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
@@ -83,42 +90,58 @@ def _group_mask(sel_TE: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
     return sel_TE.masked_fill(~keep_TE, float("-inf"))
 
 
-def route(logits_TE: torch.Tensor, cfg: MoEConfig, score_bias_E: torch.Tensor | None = None) -> RouterOutput:
-    """Pure routing rule from float32 logits; shared by the layer, tests and analysis tools."""
+def route(logits_TE: torch.Tensor, cfg: MoEConfig, score_bias_E: torch.Tensor | None = None,
+          plan: CostPlan | None = None) -> RouterOutput:
+    """Pure routing rule from float32 logits; shared by the layer, tests and analysis tools.
+
+    `plan` (`moekit.moe.cost`): cost-aware selection, dynamic-k / budgets, a top-k override and the
+    expected-cost penalty. None (or lambda 0 without dynamic-k or budget) runs the plain top-k ops."""
+    # Plan: 1. scores (what weights come from) and the selection score (+ bias, - lambda * cost,
+    # group mask); 2. choose ids (top-k, or variable-k with a mask); 3. weights from the unpenalised
+    # scores of the chosen ids (unused slots get 0).
     logits_TE = logits_TE.float()
-    K = cfg.top_k
+    K = cfg.top_k if plan is None else plan.top_k
+    if cfg.router == "soft":
+        probs_TE = logits_TE.softmax(-1)
+        ids_TK = torch.arange(cfg.num_experts, device=logits_TE.device).expand(logits_TE.shape[0], -1)
+        weights_TK = probs_TE
+        if cfg.routed_scaling_factor != 1.0:
+            weights_TK = weights_TK * cfg.routed_scaling_factor
+        return RouterOutput(ids_TK, weights_TK, logits_TE, probs_TE)
     if cfg.router == "topk_softmax":
         # Mixtral: choose on raw logits, then softmax over only the chosen k.
         probs_TE = logits_TE.softmax(-1)
-        sel_TE = logits_TE if score_bias_E is None else logits_TE + score_bias_E
-        if cfg.n_group > 1:
-            sel_TE = _group_mask(sel_TE, cfg)
-        ids_TK = sel_TE.topk(K, dim=-1).indices
-        weights_TK = logits_TE.gather(1, ids_TK).softmax(-1)
-    elif cfg.router in ("softmax_topk", "soft"):
+        base_TE = logits_TE
+    elif cfg.router == "softmax_topk":
         probs_TE = logits_TE.softmax(-1)
-        if cfg.router == "soft":
-            ids_TK = torch.arange(cfg.num_experts, device=logits_TE.device).expand(logits_TE.shape[0], -1)
-            weights_TK = probs_TE
-        else:
-            sel_TE = probs_TE if score_bias_E is None else probs_TE + score_bias_E
-            if cfg.n_group > 1:
-                sel_TE = _group_mask(sel_TE, cfg)
-            ids_TK = sel_TE.topk(K, dim=-1).indices
-            weights_TK = probs_TE.gather(1, ids_TK)
-            if cfg.norm_topk_prob:
-                weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        base_TE = probs_TE
     else:  # sigmoid_topk (DeepSeek-V3, Llama 4)
-        scores_TE = logits_TE.sigmoid()
-        probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
-        # The correction bias only steers *which* experts are picked; weights use raw scores.
-        sel_TE = scores_TE if score_bias_E is None else scores_TE + score_bias_E
-        if cfg.n_group > 1:
-            sel_TE = _group_mask(sel_TE, cfg)
+        base_TE = logits_TE.sigmoid()
+        probs_TE = base_TE / base_TE.sum(-1, keepdim=True)
+    # The correction bias and the cost penalty only steer *which* experts are picked.
+    sel_TE = base_TE if score_bias_E is None else base_TE + score_bias_E
+    if plan is not None and plan.lam:
+        sel_TE = sel_TE - plan.lam * plan.cost_E
+    if cfg.n_group > 1:
+        sel_TE = _group_mask(sel_TE, cfg)
+    mask_TK = None
+    if plan is not None and plan.variable:
+        ids_TK, mask_TK = select_variable(sel_TE, probs_TE, plan)
+    else:
         ids_TK = sel_TE.topk(K, dim=-1).indices
-        weights_TK = scores_TE.gather(1, ids_TK)
-        if cfg.norm_topk_prob:
+    weights_TK = base_TE.gather(1, ids_TK)
+    if cfg.router == "topk_softmax":
+        if mask_TK is not None:
+            weights_TK = weights_TK.masked_fill(~mask_TK, float("-inf"))
+        weights_TK = weights_TK.softmax(-1)
+    else:
+        if mask_TK is not None:
+            weights_TK = weights_TK * mask_TK
+        if cfg.norm_topk_prob and cfg.router == "softmax_topk":
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        elif cfg.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
     if cfg.routed_scaling_factor != 1.0:
         weights_TK = weights_TK * cfg.routed_scaling_factor
-    return RouterOutput(ids_TK, weights_TK, logits_TE, probs_TE)
+    cost_loss = None if plan is None else (probs_TE * plan.cost_E).sum(-1).mean()
+    return RouterOutput(ids_TK, weights_TK, logits_TE, probs_TE, mask_TK, cost_loss)

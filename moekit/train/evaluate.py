@@ -141,7 +141,9 @@ def format_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
 
 
 def eval_cli(checkpoint: str, data_dir: str | None = None, max_tokens: int | None = None, seq_len: int = 256,
-             json_out: str | None = None, threads: int | None = None) -> int:
+             json_out: str | None = None, threads: int | None = None, cost_lambda: float | None = None,
+             cost_budget: float | None = None, dynamic_k: float | None = None, cost_source: str | None = None,
+             route_top_k: int | None = None, skip_beta: float = 0.0) -> int:
     """Report bits per byte of a trained model on val, test and the out-of-domain sets.
 
     Args:
@@ -151,6 +153,12 @@ def eval_cli(checkpoint: str, data_dir: str | None = None, max_tokens: int | Non
         seq_len: evaluation window length.
         json_out: also write the results as JSON to this file.
         threads: torch threads (default: torch's choice).
+        cost_lambda: cost-aware routing: choose experts by score - lambda * normalised cost (docs/routing.md).
+        cost_budget: per-token expert-cost budget in normalised units (1.0 = the costliest expert).
+        dynamic_k: dynamic-k: run experts in score order until their probability reaches this (top-p).
+        cost_source: expert costs: flops (default) or one number per expert separated by commas.
+        route_top_k: run up to this many experts per token instead of the model's top_k.
+        skip_beta: NAEE expert skipping threshold (0 = off), to compare with cost-aware routing.
     """
     from moekit.checkpoint.native import atomic_write_text, load_native
 
@@ -162,9 +170,21 @@ def eval_cli(checkpoint: str, data_dir: str | None = None, max_tokens: int | Non
     if model.config.vocab_size < data.vocab_size:
         raise EvalError(f"model vocab {model.config.vocab_size} < tokenizer vocab {data.vocab_size} of {data.root}; "
                         "evaluate on the data the model was trained on (--data-dir)")
+    from moekit.moe.cost import FlopsMeter, apply_cli
+
+    routing = apply_cli(model, cost_lambda, cost_budget, dynamic_k, cost_source, route_top_k)
+    if skip_beta:
+        from moekit.memory.skip import set_skipping
+
+        set_skipping(model, beta=skip_beta)
+    meter = FlopsMeter(model) if model.moe_layers() else None
     res = evaluate_all(model, data, max_tokens=max_tokens, seq_len=seq_len)
     print(format_table({str(ckpt): res}))
     payload = {"checkpoint": str(ckpt), "data": str(data.root), "results": res}
+    if meter is not None:  # expert FLOPs per token actually spent over every split evaluated
+        payload["routing"] = {**{k: v if not hasattr(v, "tolist") else v.tolist() for k, v in routing.items()},
+                              "skip_beta": skip_beta, **meter.stats()}
+        meter.close()
     print(json.dumps(payload, indent=2))
     if json_out:
         atomic_write_text(json_out, json.dumps(payload, indent=2))

@@ -6,7 +6,9 @@ Experiments (every run: same data order, seed, schedule and token budget):
   a  MoE vs its dense_equivalent (same active parameters);
   b  balancing: none vs Switch aux loss (0.01) vs aux-loss-free score bias (rate 1e-3 and 1e-2);
   c  aux-loss coefficient sweep 0.001 / 0.01 / 0.1 / 1.0;
-  d  top-1 vs top-2 vs top-4 with the same experts (equal total parameters, different active cost).
+  d  top-1 vs top-2 vs top-4 with the same experts (equal total parameters, different active cost);
+  r  recipe screen for the main job: dense vs the preset vs aux-loss-free bias vs DeepSeekMoE-style
+     fine-grained experts + a shared expert (16 of width F/2 top-3, 32 of F/4 top-6) at equal active width.
 Runs that already finished in RUNS_DIR are reused, so an interrupted sweep continues where it stopped.
 Writes RUNS_DIR/<exp>.md and RUNS_DIR/<exp>.json.
 """
@@ -38,9 +40,19 @@ RUNS: dict[str, tuple[bool, dict[str, Any]]] = {
     "aux-1.0": (False, {"aux_loss_coef": 1.0}),
     "top1": (False, {"aux_loss_coef": 0.01, "top_k": 1}),
     "top4": (False, {"aux_loss_coef": 0.01, "top_k": 4}),
+    # DeepSeekMoE-style fine-grained experts + one shared expert, at the baseline's active FFN width
+    # (small-moe: top-2 of 512 = 1024): k * F + shared = 1024, so one dense_equivalent serves all.
+    "fine16": (False, {"aux_loss_coef": 0.01, "num_experts": 16, "expert_dim": 256, "top_k": 3,
+                       "num_shared_experts": 1, "shared_expert_dim": 256}),
+    "fine32": (False, {"aux_loss_coef": 0.01, "num_experts": 32, "expert_dim": 128, "top_k": 6,
+                       "num_shared_experts": 1, "shared_expert_dim": 256}),
+    "fine16-bias": (False, {"aux_loss_coef": 0.0, "score_correction_bias": True, "bias_update_rate": 1e-3,
+                            "num_experts": 16, "expert_dim": 256, "top_k": 3, "num_shared_experts": 1,
+                            "shared_expert_dim": 256}),
 }
 EXPERIMENTS = {"a": ["aux-0.01", "dense"], "b": ["none", "aux-0.01", "bias", "bias-0.01"],
-               "c": ["aux-0.001", "aux-0.01", "aux-0.1", "aux-1.0"], "d": ["top1", "aux-0.01", "top4"]}
+               "c": ["aux-0.001", "aux-0.01", "aux-0.1", "aux-1.0"], "d": ["top1", "aux-0.01", "top4"],
+               "r": ["dense", "aux-0.01", "bias", "fine16", "fine32", "fine16-bias"]}
 
 
 def run_one(name: str, preset: str, data, root: Path, tc: TrainConfig) -> dict[str, Any]:
@@ -97,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup-steps", type=int, default=20)
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -105,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
     data = prepare("en-prose", a.data_dir)
     tc = TrainConfig(batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, max_tokens=a.max_tokens,
-                     eval_every=a.eval_every, eval_tokens=a.eval_tokens, ckpt_every=10**9, warmup_steps=20,
-                     precision=a.precision, threads=a.threads, log_every=10)
+                     eval_every=a.eval_every, eval_tokens=a.eval_tokens, ckpt_every=10**9,
+                     warmup_steps=a.warmup_steps, precision=a.precision, threads=a.threads, log_every=10, seed=a.seed)
     root = Path(a.runs_dir)
     exps = list(EXPERIMENTS) if "all" in a.experiments else a.experiments
     cache: dict[str, dict[str, Any]] = {}

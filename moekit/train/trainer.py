@@ -229,7 +229,7 @@ def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume
         for g in opt.param_groups:
             g["lr"] = lr
         loads = [torch.zeros(m.cfg.num_experts, dtype=torch.int64) for m in moe_layers]
-        loss_sum = ce_sum = bal_sum = z_sum = 0.0
+        loss_sum = ce_sum = bal_sum = z_sum = cost_sum = 0.0
         for _ in range(tc.grad_accum):
             x_BS, y_BS = next(sampler)
             if par is not None:  # this rank's rows of the global batch
@@ -244,13 +244,14 @@ def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume
             ce_sum += float(o.ce_loss.detach())
             bal_sum += float(o.aux_losses["balance"].detach()) if o.aux_losses else 0.0
             z_sum += float(o.aux_losses["z"].detach()) if o.aux_losses else 0.0
+            cost_sum += float(o.aux_losses["cost"].detach()) if "cost" in o.aux_losses else 0.0
         if par is None:
             gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
         else:
             par.sync_grads()
             gnorm = par.clip_grad_norm(tc.grad_clip)
             loads = par.reduce_loads(loads)
-            loss_sum, ce_sum, bal_sum, z_sum = par.mean([loss_sum, ce_sum, bal_sum, z_sum])
+            loss_sum, ce_sum, bal_sum, z_sum, cost_sum = par.mean([loss_sum, ce_sum, bal_sum, z_sum, cost_sum])
         opt.step()
         opt.zero_grad(set_to_none=True)
         if moe_layers:
@@ -268,6 +269,8 @@ def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume
         n = tc.grad_accum
         rec = {"step": step, "loss": loss_sum / n, "ce": ce_sum / n, "balance": bal_sum / n, "z": z_sum / n,
                "lr": lr, "grad_norm": gnorm, "tokens": tokens, "elapsed": round(elapsed, 3)}
+        if cost_sum:  # weighted expected-cost penalty (moe.cost_loss_coef)
+            rec["cost"] = cost_sum / n
         if par is not None and par.balancedness:
             rec["ep_balancedness"] = par.balancedness
         history.append(rec)
@@ -323,7 +326,8 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
               threads: int | None = None, aux_loss_coef: float | None = None,
               balance: Literal["config", "none", "aux", "bias"] = "config", top_k: int | None = None,
               progress: bool = True, ep: int = 1, eplb_interval: int = 0, eplb_window: int = 0,
-              eplb_redundant: int = 0) -> int:
+              eplb_redundant: int = 0, cost_loss_coef: float | None = None, cost_lambda: float | None = None,
+              expert_dims: list[int] | None = None) -> int:
     """Train a model on prepared text, with bits-per-byte evals, routing telemetry and exact --resume.
 
     The model comes from --preset, --config (moekit or HF config.json) or --init-from (a moekit model
@@ -365,6 +369,10 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
         eplb_interval: with --ep, rebalance experts (EPLB) every this many steps, moving weights and AdamW moments.
         eplb_window: steps of expert loads EPLB looks at (0 = all so far).
         eplb_redundant: extra replica slots for the hottest experts (rounded up to a multiple of --ep).
+        cost_loss_coef: weight of the expected-expert-cost penalty in the loss (cost-aware routing,
+            docs/routing.md; the cost is real FLOPs unless the config says otherwise).
+        cost_lambda: train with cost-aware selection: score - lambda * normalised cost.
+        expert_dims: heterogeneous experts: one hidden width per expert (expert_dim becomes their max).
     """
     from moekit.config import ConfigError
 
@@ -375,7 +383,8 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
     # Under torchrun, rank 0 prepares the data (tokenizer, shards) before the others read it.
     model, data = rank0_first(lambda: build_for_training(
         preset=preset, config=config, init_from=init_from, data_dir=data_dir, corpus=corpus, vocab_size=vocab_size,
-        seed=seed, aux_loss_coef=aux_loss_coef, balance=balance, top_k=top_k, resume_dir=out if resume else None))
+        seed=seed, aux_loss_coef=aux_loss_coef, balance=balance, top_k=top_k, resume_dir=out if resume else None,
+        routing_cost=dict(cost_loss_coef=cost_loss_coef, cost_lambda=cost_lambda, expert_dims=expert_dims)))
     if max_minutes is None and max_tokens is None and max_steps is None:
         max_tokens = 2_000_000
     tc = TrainConfig(batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
@@ -399,7 +408,7 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
 
 def build_for_training(*, preset=None, config=None, init_from=None, data_dir="data", corpus="en-prose",
                        vocab_size=8192, seed=0, aux_loss_coef=None, balance="config", top_k=None, resume_dir=None,
-                       progress=True):
+                       progress=True, routing_cost: dict | None = None):
     """Resolve the model (preset / config / init-from / a resumed run's config) and prepare the data."""
     from moekit import build_model, get_preset, resolve_config
     from moekit.checkpoint.native import load_native
@@ -420,7 +429,7 @@ def build_for_training(*, preset=None, config=None, init_from=None, data_dir="da
         return build_model(cfg, seed=seed), data
     if init_from is not None:
         model = load_native(init_from).train()
-        if any(x is not None for x in (aux_loss_coef, top_k)) or balance != "config":
+        if any(x is not None for x in (aux_loss_coef, top_k, *(routing_cost or {}).values())) or balance != "config":
             raise TrainError("--init-from keeps the model's own config; edit its config.json to change routing")
         return model, data
     cfg = resolve_config(config) if config is not None else get_preset(preset or "small-moe")
@@ -440,6 +449,9 @@ def build_for_training(*, preset=None, config=None, init_from=None, data_dir="da
             upd.update(aux_loss_coef=0.0, score_correction_bias=True, bias_update_rate=m.bias_update_rate or 1e-3)
         if top_k is not None:
             upd["top_k"] = top_k
+        upd.update({k: v for k, v in (routing_cost or {}).items() if v is not None})
+        if upd.get("expert_dims"):
+            upd["expert_dim"] = max(upd["expert_dims"])
         if upd:
             cfg = cfg.replace(moe=dataclasses.replace(m, **upd))
     return build_model(cfg, seed=seed), data
