@@ -28,6 +28,16 @@ EVAL_FILE = "eval.json"
 MODELS = ("moe", "dense")
 
 
+def machine() -> str:
+    """`moekit doctor`'s facts in one line, with the load average (other jobs slow the run down)."""
+    import os
+
+    from moekit.doctor import facts, summary_line
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{summary_line(facts(backends=False))}; load average {load:.1f} at the end"
+
+
 def key_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     """The settings that differ between two run keys, as 'path: old -> new'."""
     out = []
@@ -121,14 +131,17 @@ def train_pair(moe_cfg, dense_cfg, data, root: Path, *, seed: int, base: dict[st
 
 
 def evaluate_pair(root: Path, data, summaries: dict[str, dict[str, Any]], *, eval_tokens: int | None, seq_len: int,
-                  splits: list[str] | None = None, samples: bool = True, progress: bool = False) -> dict[str, Any]:
-    """{"results": {model: {split: eval}}, "samples": {model: {prompt: text}}} of root/{moe,dense},
-    reused from root/eval.json when the same runs were evaluated the same way."""
-    from moekit.train.evaluate import evaluate_all, greedy_sample
+                  splits: list[str] | None = None, split_tokens: dict[str, int | None] | None = None,
+                  samples: bool = True, progress: bool = False) -> dict[str, Any]:
+    """{"results": {model: {split: eval}}, "samples": {model: {prompt: text}}} of root/{moe,dense} on
+    `splits` (default: val, test and the OOD sets), each capped at `split_tokens[split]` if given, else at
+    `eval_tokens`; reused from root/eval.json when the same runs were evaluated the same way."""
+    from moekit.train.evaluate import evaluate_split, greedy_sample
 
     runs = {m: {k: v for k, v in summaries[m].items() if k != "reuse"} for m in MODELS}
-    key = json.loads(json.dumps({"runs": runs, "eval_tokens": eval_tokens, "seq_len": seq_len, "splits": splits,
-                                 "samples": samples}))
+    names = splits or ["val", "test", *data.ood_names]
+    caps = {sp: (split_tokens or {}).get(sp, eval_tokens) for sp in names}
+    key = json.loads(json.dumps({"runs": runs, "caps": caps, "seq_len": seq_len, "samples": samples}))
     path = root / EVAL_FILE
     if path.is_file():
         old = json.loads(path.read_text())
@@ -138,8 +151,12 @@ def evaluate_pair(root: Path, data, summaries: dict[str, dict[str, Any]], *, eva
     tok = data.tokenizer() if samples else None
     for m in MODELS:
         model = load_native(latest_checkpoint(root / m))
-        results[m] = evaluate_all(model, data, max_tokens=eval_tokens, seq_len=seq_len, splits=splits,
-                                  progress=progress)
+        it = names
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(names, desc=f"eval {root.name} {m}", leave=False)
+        results[m] = {sp: evaluate_split(model, data, sp, max_tokens=caps[sp], seq_len=seq_len) for sp in it}
         texts[m] = {p: greedy_sample(model, tok, p, 40) for p in PROMPTS} if samples else {}
     value = {"results": results, "samples": texts}
     atomic_write_text(path, json.dumps({"key": key, "value": value}, indent=1))

@@ -44,6 +44,18 @@ FLOPS_EQUAL_TOL = 0.02
 """Two runs' training FLOPs count as equal when they differ by at most this fraction."""
 
 
+def degenerate(texts) -> bool:
+    """Whether greedy samples are degenerate ("the the the ..."): any sample of 6+ words whose most
+    common word is over half of it, or with under a third of its words distinct."""
+    for t in texts:
+        words = str(t).split()
+        if len(words) >= 6:
+            top = max(words.count(w) for w in set(words))
+            if top > len(words) / 2 or len(set(words)) < len(words) / 3:
+                return True
+    return False
+
+
 def seeds_for_budget(requested: int, total_tokens: float, min_tokens: int = MIN_TOKENS_PER_RUN) -> int:
     """How many seeds a budget of `total_tokens` per model affords: `requested`, or fewer so that each
     seed's run gets at least `min_tokens` (never fewer than one)."""

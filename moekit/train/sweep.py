@@ -21,7 +21,7 @@ from typing import Any, Literal, Sequence
 
 from moekit.checkpoint.native import atomic_write, atomic_write_text
 from moekit.train import stats
-from moekit.train.pairs import MODELS, evaluate_pair, resolve_pair, train_pair
+from moekit.train.pairs import MODELS, evaluate_pair, machine, resolve_pair, train_pair
 
 DEFAULT_BUDGETS = (250_000, 500_000, 1_000_000, 2_000_000)
 DEFAULT_SEEDS = (0, 1, 2)
@@ -142,7 +142,6 @@ def sweep(name: str = "sweep", preset: str = "small-moe", *, override: Sequence[
     from moekit import count_params
     from moekit.data import prepare
     from moekit.errors import MoekitError
-    from moekit.train.compare import _machine, degenerate
 
     budgets, seeds = sorted({int(b) for b in budgets}), list(dict.fromkeys(int(s) for s in seeds))
     if not budgets or not seeds or min(budgets) < batch_size * seq_len:
@@ -176,7 +175,7 @@ def sweep(name: str = "sweep", preset: str = "small-moe", *, override: Sequence[
         tokens = sums["moe"]["tokens"]
         pairs.append({"budget": b, "seed": s, "tokens": tokens, "steps": sums["moe"]["steps"],
                       "val_bpb": {m: ev["results"][m]["val"]["bpb"] for m in MODELS},
-                      "degenerate": {m: degenerate(ev["samples"][m].values()) for m in MODELS},
+                      "degenerate": {m: stats.degenerate(ev["samples"][m].values()) for m in MODELS},
                       "samples": ev["samples"],
                       "flops": {m: stats.training_flops(cfgs[m], tokens, seq_len)["total"] for m in MODELS},
                       "train_seconds": sum(sums[m]["train_seconds"] for m in MODELS),
@@ -186,7 +185,7 @@ def sweep(name: str = "sweep", preset: str = "small-moe", *, override: Sequence[
         payload = {"name": name, "settings": settings, "models": models, "pairs": pairs, "budgets": rows,
                    "crossover": cross, "flops_per_token": {m: stats.training_flops(c, 1, seq_len)
                                                            for m, c in cfgs.items()},
-                   "seconds": time.perf_counter() - t0, "machine": _machine(), "command": command}
+                   "seconds": time.perf_counter() - t0, "machine": machine(), "command": command}
         atomic_write_text(root / "sweep.json", json.dumps(payload, indent=1))
         plot_sweep(rows, cross, root / "sweep.png")
         atomic_write_text(root / "sweep.md", render_sweep(payload))
