@@ -121,7 +121,7 @@ def compare(name: str = "moe-vs-dense", preset: str = "small-moe", *, override: 
     for s in seed_list:
         budget = first if steps is None else {"max_steps": steps}
         sums = train_pair(moe_cfg, dense_cfg, data, root / f"seed{s}", seed=s, base=base, moe_budget=budget,
-                          job={**job, "seed_budget": budget}, progress=progress)
+                          job={**job, "seed_budget": budget}, progress=progress, plots=s == seed_list[0])
         steps = sums["moe"]["steps"] if steps is None else steps
         runs[str(s)] = {"models": sums}
     # 4. evaluation + samples: val (the verdict's split) up to --eval-tokens for every seed; the other

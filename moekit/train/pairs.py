@@ -50,7 +50,7 @@ def key_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def run_one(model, data, out: Path, tc: TrainConfig, key: dict, progress: bool) -> dict[str, Any]:
+def run_one(model, data, out: Path, tc: TrainConfig, key: dict, progress: bool, plots: bool = True) -> dict[str, Any]:
     """Train, reuse a finished run, or resume an interrupted one, and return its summary with
     "reuse" saying which and why. A finished or interrupted run is reused only when its key (model
     config, preset, data, budget, batch shape and every other training setting) equals `key`;
@@ -71,7 +71,7 @@ def run_one(model, data, out: Path, tc: TrainConfig, key: dict, progress: bool) 
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(key_path, json.dumps(key, indent=1))
-    train(model, data, out, tc, resume=latest_checkpoint(out) is not None, progress=progress)
+    train(model, data, out, tc, resume=latest_checkpoint(out) is not None, progress=progress, plots=plots)
     return {**json.loads(summary.read_text()), "reuse": why or "trained (no earlier run)"}
 
 
@@ -115,18 +115,19 @@ def resolve_pair(preset: str, vocab_size: int, override: list[str] | None = None
 
 
 def train_pair(moe_cfg, dense_cfg, data, root: Path, *, seed: int, base: dict[str, Any], moe_budget: dict[str, Any],
-               job: dict[str, Any], progress: bool) -> dict[str, dict[str, Any]]:
+               job: dict[str, Any], progress: bool, plots: bool = True) -> dict[str, dict[str, Any]]:
     """Train (or reuse) root/moe with `moe_budget` (max_tokens, max_steps, or max_minutes that sizes the
-    cosine) and root/dense for exactly the MoE's steps; both with `seed` and the settings of `base`."""
+    cosine) and root/dense for exactly the MoE's steps; both with `seed` and the settings of `base`.
+    `plots=False`: no per-run PNGs."""
     from moekit import build_model
 
     base = {**base, "seed": seed}
     moe_tc = TrainConfig(**base, **moe_budget, finish_schedule=moe_budget.get("max_minutes") is not None)
     moe_sum = run_one(build_model(moe_cfg, seed=seed), data, root / "moe", moe_tc,
-                      {**job, "model": moe_cfg.to_dict(), "train": asdict(moe_tc)}, progress)
+                      {**job, "model": moe_cfg.to_dict(), "train": asdict(moe_tc)}, progress, plots)
     dense_tc = TrainConfig(**base, max_steps=moe_sum["steps"])
     dense_sum = run_one(build_model(dense_cfg, seed=seed), data, root / "dense", dense_tc,
-                        {**job, "model": dense_cfg.to_dict(), "train": asdict(dense_tc)}, progress)
+                        {**job, "model": dense_cfg.to_dict(), "train": asdict(dense_tc)}, progress, plots)
     return {"moe": moe_sum, "dense": dense_sum}
 
 

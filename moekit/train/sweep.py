@@ -6,7 +6,7 @@
    resumed, so the sweep can be stopped and restarted), and evaluate val bpb (`pairs.evaluate_pair`);
 3. after each pair, aggregate per budget (mean ± std per model, paired difference with its 95% t
    interval, verdict: `moekit.train.stats`), find the crossover of the paired difference in
-   log-tokens, and write RUNS_DIR/NAME/sweep.json, sweep.md and sweep.png atomically.
+   log-tokens, and write RUNS_DIR/NAME/sweep.json and sweep.md atomically; sweep.png at the end.
 
 Shape of sweep.json: {"settings", "models", "pairs": [one per (budget, seed)], "budgets": [aggregates],
 "crossover"}; `moekit compare` reads it to put the dense model's bpb at the MoE's training FLOPs.
@@ -170,7 +170,7 @@ def sweep(name: str = "sweep", preset: str = "small-moe", *, override: Sequence[
         job = {"preset": preset, "override": list(override or []), "corpus": corpus, "data": str(data.root),
                "budget": {"minutes": None, "max_tokens": b}}
         sums = train_pair(moe_cfg, dense_cfg, data, pdir, seed=s, base=base, moe_budget={"max_tokens": b}, job=job,
-                          progress=progress)
+                          progress=progress, plots=False)
         ev = evaluate_pair(pdir, data, sums, eval_tokens=eval_tokens, seq_len=seq_len, splits=["val"])
         tokens = sums["moe"]["tokens"]
         pairs.append({"budget": b, "seed": s, "tokens": tokens, "steps": sums["moe"]["steps"],
@@ -187,8 +187,8 @@ def sweep(name: str = "sweep", preset: str = "small-moe", *, override: Sequence[
                                                            for m, c in cfgs.items()},
                    "seconds": time.perf_counter() - t0, "machine": machine(), "command": command}
         atomic_write_text(root / "sweep.json", json.dumps(payload, indent=1))
-        plot_sweep(rows, cross, root / "sweep.png")
         atomic_write_text(root / "sweep.md", render_sweep(payload))
+    plot_sweep(rows, cross, root / "sweep.png")  # once at the end (about a second; sweep.json has it all)
     return root / "sweep.md"
 
 
