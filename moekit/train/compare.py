@@ -48,7 +48,7 @@ def probe_tokens_per_s(cfg, data, base: dict[str, Any], seed: int, where: Path) 
     tc = TrainConfig(**{**base, "eval_every": 0, "eval_tokens": base["seq_len"], "ckpt_every": 0}, seed=seed,
                      max_steps=PROBE_STEPS)
     with tempfile.TemporaryDirectory(dir=where, prefix="probe-") as tmp:
-        res = train(build_model(cfg, seed=seed), data, Path(tmp), tc, progress=False)
+        res = train(build_model(cfg, seed=seed), data, Path(tmp), tc, progress=False, plots=False)
     el = [r["elapsed"] for r in res.history]
     per_step = (el[-1] - el[1]) / max(1, len(el) - 2)
     return tc.tokens_per_step / max(per_step, 1e-9)
@@ -93,6 +93,11 @@ def compare(name: str = "moe-vs-dense", preset: str = "small-moe", *, override: 
     from moekit.data import prepare
     from moekit.train.plots import plot_curves
 
+    from moekit.train.trainer import TrainError
+
+    if seeds < 1 or min_tokens_per_run < 1 or (max_tokens is not None and max_tokens < 1) or minutes <= 0:
+        raise TrainError(f"--seeds ({seeds}), --min-tokens-per-run ({min_tokens_per_run}), --max-tokens "
+                         f"({max_tokens}) and --minutes ({minutes}) must be positive")
     t_start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
@@ -128,12 +133,14 @@ def compare(name: str = "moe-vs-dense", preset: str = "small-moe", *, override: 
     # splits share --eval-tokens across the seeds, so the job evaluates about as much as with one seed.
     other_cap = None if eval_tokens is None else max(seq_len, eval_tokens // len(seed_list))
     split_caps = {sp: (eval_tokens if sp == "val" else other_cap) for sp in ["val", "test", *data.ood_names]}
+    t_eval = time.perf_counter()
     for s in seed_list:
         ev = evaluate_pair(root / f"seed{s}", data, runs[str(s)]["models"], eval_tokens=eval_tokens, seq_len=seq_len,
                            split_tokens=split_caps, progress=progress)
         runs[str(s)].update(ev)
         pair = {m: root / f"seed{s}" / m for m in MODELS}
         runs[str(s)]["same_lr_per_step"] = lrs(pair["moe"]) == lrs(pair["dense"])
+    t_eval = time.perf_counter() - t_eval
     # 5. statistics ------------------------------------------------------------------------
     first_run = runs[str(seed_list[0])]
     splits = list(first_run["results"]["moe"])
@@ -159,7 +166,7 @@ def compare(name: str = "moe-vs-dense", preset: str = "small-moe", *, override: 
     plot_curves({f"{m} seed {s}": root / f"seed{s}" / m for s in seed_list for m in MODELS}, root / "curves.png")
     plot_lr({m: root / f"seed{seed_list[0]}" / m for m in MODELS}, root / "lr.png")
     payload = {"name": name, "preset": preset, "override": list(override or []), "data": str(data.root),
-               "data_seconds": t_data, "threads": torch.get_num_threads(), "seeds": {**plan, "used": seed_list},
+               "data_seconds": t_data, "eval_seconds": t_eval, "threads": torch.get_num_threads(), "seeds": {**plan, "used": seed_list},
                "runs": runs, "models": info, "results": results, "paired": paired, "degenerate": degen,
                "verdict": code, "verdict_text": text,
                "flops": {**flops, "equal": eq, "rel_diff": rel, "tolerance": stats.FLOPS_EQUAL_TOL},
