@@ -8,7 +8,7 @@ import json
 import pytest
 from train_helpers import one_thread, tiny_data  # noqa: F401 (autouse fixture)
 
-from moekit.train.compare import compare, render_report
+from moekit.train.compare import compare
 
 
 
@@ -42,7 +42,8 @@ def test_compare_end_to_end(tmp_path, monkeypatch):
         assert f"{res['results']['moe'][split]['mean']:.4f}" in text
     from moekit.train import stats
 
-    degen = {m: any(stats.degenerate(res["runs"][s]["samples"][m].values()) for s in ("0", "1")) for m in ("moe", "dense")}
+    degen = {m: any(stats.degenerate(res["runs"][s]["samples"][m].values()) for s in ("0", "1"))
+             for m in ("moe", "dense")}
     assert stats.verdict(res["paired"], degen)[1] in text  # the verdict the report's own numbers support
     assert res["machine"] in text and "ISA tier" in res["machine"]
     assert "Tokens per active parameter" in text and "far from trained" in text and res["flops"]["equal"]

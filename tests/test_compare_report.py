@@ -19,7 +19,8 @@ BAD = "the the the the the the the the"
 def payload(moe_vals, dense_vals, *, tokens=1_000_000, samples=None, reason=None, sweep=None):
     seeds = list(range(len(moe_vals)))
     samples = samples or {"moe": GOOD, "dense": GOOD}
-    runs = {str(s): {"results": {"moe": {"val": {"bpb": mv, "tokens": 100}}, "dense": {"val": {"bpb": dv, "tokens": 100}}},
+    runs = {str(s): {"results": {"moe": {"val": {"bpb": mv, "tokens": 100}},
+                                 "dense": {"val": {"bpb": dv, "tokens": 100}}},
                      "samples": {m: {"p": samples[m]} for m in ("moe", "dense")}}
             for s, mv, dv in zip(seeds, moe_vals, dense_vals)}
     pr = stats.paired(dict(zip(seeds, moe_vals)), dict(zip(seeds, dense_vals)))
@@ -76,7 +77,8 @@ def _sweep_payload(tmp_path, diffs):
                                        "seeds": [0, 1, 2], "batch_size": 16, "seq_len": 256, "lr": 2e-3,
                                        "precision": "auto", "eval_tokens": 65536},
          "models": {m: {"total_params": 1e7, "active_params": 6e6, "config": c.to_dict()} for m, c in cfgs.items()},
-         "pairs": pairs, "budgets": rows, "crossover": cross, "machine": "test", "seconds": 1.0, "command": "moekit sweep"}
+         "pairs": pairs, "budgets": rows, "crossover": cross, "machine": "test", "seconds": 1.0,
+         "command": "moekit sweep"}
     (tmp_path / "sweep.json").write_text(json.dumps(p))
     return p, cfg
 
@@ -88,7 +90,8 @@ def test_sweep_outputs_and_the_report_at_equal_flops(tmp_path):
     # Mean differences +0.011 at 500k and -0.009 at 1M (seed noise 0, 0.001, 0.002): linear in log-tokens.
     assert p["crossover"]["x"] == pytest.approx(500_000 * 2 ** (0.011 / 0.020))
     md = render_sweep(p)
-    assert f"**Crossover** at about {p['crossover']['x']:,.0f} tokens" in md and "| 250,000 |" in md and "+0.0310 [" in md
+    assert f"**Crossover** at about {p['crossover']['x']:,.0f} tokens" in md
+    assert "| 250,000 |" in md and "+0.0310 [" in md
     assert plot_sweep(p["budgets"], p["crossover"], tmp_path / "sweep.png").stat().st_size > 10_000
     # The main job finds the dense model's bpb at its MoE's FLOPs in the sweep (log-FLOPs interpolation).
     moe_flops = stats.training_flops(cfg, 700_000, 256)["total"]
@@ -96,7 +99,8 @@ def test_sweep_outputs_and_the_report_at_equal_flops(tmp_path):
     dense_at = [r["dense"]["mean"] for r in p["budgets"]]
     assert ctx["matches"] and dense_at[2] < ctx["dense_bpb_at_moe_flops"] < dense_at[1]
     text = render_report(payload([1.53, 1.57, 1.50], [1.53, 1.58, 1.49], sweep=ctx))
-    assert f"**{ctx['dense_bpb_at_moe_flops']:.4f}** val bpb" in text and f"crossover at about {p['crossover']['x']:,.0f}" in text
+    assert f"**{ctx['dense_bpb_at_moe_flops']:.4f}** val bpb" in text
+    assert f"crossover at about {p['crossover']['x']:,.0f}" in text
     # Another model (or batch shape) was swept: not used, and the report says why.
     other = sweep_context(tmp_path / "sweep.json", cfg.replace(n_layers=2), moe_flops, 16, 256)
     assert not other["matches"] and "model.n_layers: 4 -> 2" in other["why"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from scipy import stats as sps
 
@@ -25,7 +26,7 @@ def test_paired_interval_matches_scipy_ttest_rel():
     assert p["ci"] == pytest.approx([ref.low, ref.high])
     assert p["se"] == pytest.approx(sps.sem([a - b for a, b in zip(moe, dense)]))
     s = stats.summarize(moe)
-    assert s["mean"] == pytest.approx(sum(moe) / 4) and s["std"] == pytest.approx(float(__import__("numpy").std(moe, ddof=1)))
+    assert s["mean"] == pytest.approx(sum(moe) / 4) and s["std"] == pytest.approx(float(np.std(moe, ddof=1)))
 
 
 def test_verdict_resolvable_win_loss_and_tie():

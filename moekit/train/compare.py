@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -166,7 +165,8 @@ def compare(name: str = "moe-vs-dense", preset: str = "small-moe", *, override: 
     plot_curves({f"{m} seed {s}": root / f"seed{s}" / m for s in seed_list for m in MODELS}, root / "curves.png")
     plot_lr({m: root / f"seed{seed_list[0]}" / m for m in MODELS}, root / "lr.png")
     payload = {"name": name, "preset": preset, "override": list(override or []), "data": str(data.root),
-               "data_seconds": t_data, "eval_seconds": t_eval, "threads": torch.get_num_threads(), "seeds": {**plan, "used": seed_list},
+               "data_seconds": t_data, "eval_seconds": t_eval, "threads": torch.get_num_threads(),
+               "seeds": {**plan, "used": seed_list},
                "runs": runs, "models": info, "results": results, "paired": paired, "degenerate": degen,
                "verdict": code, "verdict_text": text,
                "flops": {**flops, "equal": eq, "rel_diff": rel, "tolerance": stats.FLOPS_EQUAL_TOL},

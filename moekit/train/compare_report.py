@@ -133,7 +133,8 @@ def render_report(p: dict[str, Any]) -> str:
               "but FLOPs, not seconds, are the equal-compute axis.", "", *_sweep_lines(p)]
     ev_tok = {s: res["moe"][s]["tokens"] for s in splits}
     lines += ["", f"Eval tokens per split and run: {ev_tok} (val, the verdict's split, up to --eval-tokens for every "
-              f"seed; the other splits share --eval-tokens across the seeds). Data prep {p['data_seconds']:.0f} s, final "
+              f"seed; the other splits share --eval-tokens across the seeds). Data prep {p['data_seconds']:.0f} s, "
+              "final "
               f"evaluation and samples {p.get('eval_seconds', 0):.0f} s (0: reused), whole job "
               f"{p['total_seconds'] / 60:.1f} min on {p['threads']} threads."]
     sch = p.get("schedule")

@@ -124,7 +124,8 @@ def render_sweep(p: dict[str, Any]) -> str:
               "parameter; budgets far below it compare far-from-trained models.", "",
               "![sweep](sweep.png)", "",
               f"Pairs done: {len(p['pairs'])} of {len(s['budgets']) * len(s['seeds'])}; training "
-              f"{sum(q['train_seconds'] for q in p['pairs']) / 60:.1f} min in all ({p['seconds'] / 60:.1f} min this session, "
+              f"{sum(q['train_seconds'] for q in p['pairs']) / 60:.1f} min in all ({p['seconds'] / 60:.1f} min this "
+              "session, "
               "evaluation included). Rerun (reuses finished runs): "
               f"`{p['command']}`"]
     return "\n".join(lines) + "\n"
@@ -202,9 +203,9 @@ def sweep_cli(name: str = "sweep", preset: str = "small-moe", override: list[str
     For every seed and budget, trains the MoE preset and its dense_equivalent (same active parameters, same
     seed, same batches) each on its own full warmup + cosine schedule to that budget, evaluates val bits per
     byte, and writes RUNS_DIR/NAME/sweep.json, sweep.md (per budget: mean ± std of each model, the paired
-    difference with its t-based 95 percent interval and a verdict) and sweep.png (val bpb vs tokens and vs training FLOPs,
-    crossover marked). Finished runs are reused, so an interrupted sweep resumes where it stopped; results
-    are rewritten after every pair.
+    difference with its t-based 95 percent interval and a verdict) and sweep.png (val bpb vs tokens and vs
+    training FLOPs, crossover marked). Finished runs are reused, so an interrupted sweep resumes where it
+    stopped; sweep.json and sweep.md are rewritten after every pair.
 
     Args:
         name: sweep name (output in RUNS_DIR/NAME).
