@@ -105,6 +105,8 @@ def test_sweep_outputs_and_the_report_at_equal_flops(tmp_path):
     other = sweep_context(tmp_path / "sweep.json", cfg.replace(n_layers=2), moe_flops, 16, 256)
     assert not other["matches"] and "model.n_layers: 4 -> 2" in other["why"]
     assert "swept another setting" in render_report(payload([1.5], [1.5], sweep=other))
+    assert sweep_context(tmp_path / "sweep.json", cfg, moe_flops, 16, 256, lr=2e-3)["matches"]
+    assert "lr: 0.002 -> 0.001" in sweep_context(tmp_path / "sweep.json", cfg, moe_flops, 16, 256, lr=1e-3)["why"]
     assert sweep_context(tmp_path / "none.json", cfg, moe_flops, 16, 256) is None
     p2, _ = _sweep_payload(tmp_path, [0.03, 0.02, 0.02, 0.01])
     assert p2["crossover"] is None and "No crossover within the sweep" in render_sweep(p2)

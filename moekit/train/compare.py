@@ -170,7 +170,7 @@ def compare(name: str = "moe-vs-dense", preset: str = "small-moe", *, override: 
                "runs": runs, "models": info, "results": results, "paired": paired, "degenerate": degen,
                "verdict": code, "verdict_text": text,
                "flops": {**flops, "equal": eq, "rel_diff": rel, "tolerance": stats.FLOPS_EQUAL_TOL},
-               "sweep": sweep_context(sweep_path, moe_cfg, flops["moe"]["total"], batch_size, seq_len),
+               "sweep": sweep_context(sweep_path, moe_cfg, flops["moe"]["total"], batch_size, seq_len, lr),
                "moe_config": moe_cfg.to_dict(), "dense_config": dense_cfg.to_dict(),
                "train_config": {**base, **first}, "eval_tokens": eval_tokens, "first_seed": seed_list[0],
                "schedule": {"same_lr_per_step": all(r["same_lr_per_step"] for r in runs.values()),

@@ -21,18 +21,19 @@ def verdict_text(mv: float, dv: float, degen: dict[str, bool]) -> str:
     return stats.verdict(stats.paired({0: mv}, {0: dv}), degen)[1]
 
 
-def sweep_context(path: Path, moe_cfg, moe_flops: float, batch_size: int, seq_len: int) -> dict[str, Any] | None:
+def sweep_context(path: Path, moe_cfg, moe_flops: float, batch_size: int, seq_len: int,
+                  lr: float | None = None) -> dict[str, Any] | None:
     """What a `moekit sweep` result says at this job's MoE training FLOPs: the dense model's val bpb
     interpolated there (log-FLOPs, inside the sweep only) and the sweep's crossover. None without a
-    sweep; "matches": False when it swept another model or batch shape (then it is not used)."""
+    sweep; "matches": False when it swept another model, batch shape or peak lr (then it is not used)."""
     if not path.is_file():
         return None
     try:
         sw = json.loads(path.read_text())
         mine = json.loads(json.dumps(moe_cfg.to_dict()))
         diff = key_diff(sw["models"]["moe"]["config"], mine, "model.")
-        diff += [f"{k}: {sw['settings'][k]!r} -> {v!r}" for k, v in (("batch_size", batch_size), ("seq_len", seq_len))
-                 if sw["settings"][k] != v]
+        diff += [f"{k}: {sw['settings'][k]!r} -> {v!r}" for k, v in
+                 (("batch_size", batch_size), ("seq_len", seq_len), ("lr", lr)) if v is not None and sw["settings"][k] != v]
         rows = sw["budgets"]
     except (KeyError, ValueError, TypeError) as e:
         return {"path": str(path), "matches": False, "why": [f"unreadable sweep result ({e})"]}
