@@ -162,7 +162,10 @@ def compare(name: str = "moe-vs-dense", preset: str = "small-moe", *, override: 
     eq, rel = stats.flops_equal(flops["moe"]["total"], flops["dense"]["total"])
     sweep_path = Path(sweep) if sweep else Path(runs_dir) / "sweep" / "sweep.json"
     # 6. plots + report --------------------------------------------------------------------
-    plot_curves({f"{m} seed {s}": root / f"seed{s}" / m for s in seed_list for m in MODELS}, root / "curves.png")
+    dashes = ("-", "--", ":", "-.")
+    plot_curves({f"{m} seed {s}": root / f"seed{s}" / m for s in seed_list for m in MODELS}, root / "curves.png",
+                {f"{m} seed {s}": {"color": "C0" if m == "moe" else "C1", "ls": dashes[i % 4], "lw": 1.2}
+                 for i, s in enumerate(seed_list) for m in MODELS})
     plot_lr({m: root / f"seed{seed_list[0]}" / m for m in MODELS}, root / "lr.png")
     payload = {"name": name, "preset": preset, "override": list(override or []), "data": str(data.root),
                "data_seconds": t_data, "eval_seconds": t_eval, "threads": torch.get_num_threads(),
