@@ -69,7 +69,8 @@ def _sweep_lines(p: dict[str, Any]) -> list[str]:
         out.append(f"The sweep finds **no crossover** between {sw['tokens_range'][0]:,} and {sw['tokens_range'][1]:,} "
                    "training tokens.")
     else:
-        lead = "the MoE leads beyond it" if c["direction"] == "moe_better" else "the dense model leads beyond it"
+        lead = {"moe_better": "the MoE leads beyond it", "dense_better": "the dense model leads beyond it"}.get(
+            c["direction"], "the difference reaches 0 at the largest budget")
         out.append(f"The sweep's measured crossover: about **{c['x']:,.0f} tokens** per run ({lead}).")
     return out
 
