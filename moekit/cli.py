@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "convert": "moekit.checkpoint.convert:convert_cli",
     "upcycle": "moekit.checkpoint.upcycle:upcycle_cli",
     "compare": "moekit.train.compare:compare_cli",
+    "sweep": "moekit.train.sweep:sweep_cli",
     "doctor": "moekit.doctor:doctor_cli",
     "simulate-ep": "moekit.distributed.cli:simulate_ep_cli",
     "quantize": "moekit.quant.cli:quantize_cli",

@@ -1,293 +1,231 @@
-"""The main job, `moekit compare`: an MoE against its dense equivalent on real text, same tokens.
+"""The main job, `moekit compare`: an MoE against its dense equivalent on real text, over seeds.
 
-1. prepare the corpus (cached); 2. train the MoE for a wall-clock share of the budget (its cosine
-schedule's length is fixed from its measured speed, then it trains to the schedule's end);
-3. train `dense_equivalent(moe)` (same active parameters per token) for exactly the same steps,
-batches, data order and learning-rate schedule; 4. evaluate both in bits per byte on val, test and
-the out-of-domain sets; 5. greedy samples; 6. `runs/<name>/report.md` with the table, samples and
-plots (losses, learning rate of both). A finished run is reused only when its settings match.
+1. prepare the corpus (cached) and resolve the pair (`pairs.resolve_pair`);
+2. choose the seeds: `--seeds` (3) split one budget, fewer where a seed's run would get under
+   `--min-tokens-per-run` tokens (`stats.seeds_for_budget`; a wall-clock budget is turned into
+   tokens by a short speed probe of the MoE, remembered in seed_plan.json);
+3. per seed, train the pair (`pairs.train_pair`): the first seed's MoE gets its share of the clock
+   (or tokens) and trains to its schedule's end; every other run trains exactly its steps, so all runs
+   see the same number of tokens and each dense model the same batches as its MoE;
+4. evaluate every pair in bits per byte on val, test and the out-of-domain sets, greedy samples;
+5. statistics (`moekit.train.stats`): mean ± std per model, the paired difference with its 95% t
+   interval, the verdict, training FLOPs of both, the sweep's dense bpb at the MoE's FLOPs;
+6. runs/<name>/results.json, report.md (`compare_report.render_report`) and plots. A finished run is
+   reused only when its settings match (runs/<name>/seed<N>/{moe,dense}).
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from moekit.checkpoint.native import atomic_write_text, load_native
-from moekit.train.evaluate import evaluate_all, greedy_sample
-from moekit.train.trainer import TrainConfig, latest_checkpoint, train
+from moekit.checkpoint.native import atomic_write_text
+from moekit.train import stats
+from moekit.train.compare_report import render_report, sweep_context, verdict_text
+from moekit.train.pairs import MODELS, PROMPTS, evaluate_pair, lrs, machine, plot_lr, resolve_pair, train_pair
+from moekit.train.stats import RUN_TO_RUN_SPREAD_BPB, degenerate
+from moekit.train.trainer import TrainConfig, train
 
-PROMPTS = ("The history of the city", "In the year 1850, the President")
-
-
-KEY_FILE = "compare_key.json"
-"""What a run in runs/<name>/{moe,dense} was trained with: reused only when it matches exactly."""
-
-
-def _key_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """The settings that differ between two run keys, as 'path: old -> new'."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _key_diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
+__all__ = ["compare", "compare_cli", "render_report", "verdict_text", "degenerate", "RUN_TO_RUN_SPREAD_BPB", "PROMPTS"]
+_lrs = lrs  # the name tests and older code use
+MOE_SHARE = 0.55
+"""Share of --minutes for the MoE runs: the dense model (usually faster per token) then trains the same steps."""
+PROBE_STEPS = 8
 
 
-def _run_one(model, data, out: Path, tc: TrainConfig, key: dict, progress: bool) -> dict[str, Any]:
-    """Train, reuse a finished run, or resume an interrupted one, and return its summary with
-    "reuse" saying which and why. A finished or interrupted run is reused only when its key (model
-    config, preset, data, budget, batch shape and every other training setting) equals `key`;
-    otherwise its directory is cleared and the model trains afresh."""
-    import shutil
+def probe_tokens_per_s(cfg, data, base: dict[str, Any], seed: int, where: Path) -> float:
+    """Training tokens/s of `cfg` over PROBE_STEPS real steps (the first two, which set up kernels, not
+    timed), in a scratch run directory that is deleted afterwards."""
+    from moekit import build_model
 
-    summary, key_path = out / "summary.json", out / KEY_FILE
-    key = json.loads(json.dumps(key))  # the JSON form, as it is stored and compared
-    why = None
-    if out.exists() and any(out.iterdir()):
-        old = json.loads(key_path.read_text()) if key_path.is_file() else None
-        if old == key and summary.is_file():
-            return {**json.loads(summary.read_text()), "reuse": "reused (same settings)"}
-        if old == key and latest_checkpoint(out) is not None:
-            why = "resumed (same settings, interrupted run)"
-        else:
-            diff = ["no record of its settings"] if old is None else _key_diff(old, key)
-            why = "trained afresh: the previous run differs in " + "; ".join(diff[:6])
-            print(f"{out}: {why}")
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(key_path, json.dumps(key, indent=1))
-    train(model, data, out, tc, resume=latest_checkpoint(out) is not None, progress=progress)
-    return {**json.loads(summary.read_text()), "reuse": why or "trained (no earlier run)"}
+    where.mkdir(parents=True, exist_ok=True)
+    tc = TrainConfig(**{**base, "eval_every": 0, "eval_tokens": base["seq_len"], "ckpt_every": 0}, seed=seed,
+                     max_steps=PROBE_STEPS)
+    with tempfile.TemporaryDirectory(dir=where, prefix="probe-") as tmp:
+        res = train(build_model(cfg, seed=seed), data, Path(tmp), tc, progress=False, plots=False)
+    el = [r["elapsed"] for r in res.history]
+    per_step = (el[-1] - el[1]) / max(1, len(el) - 2)
+    return tc.tokens_per_step / max(per_step, 1e-9)
 
 
-def _lrs(run: Path) -> list[tuple[int, float]]:
-    from moekit.train.telemetry import read_jsonl
-
-    return [(r["step"], r["lr"]) for r in read_jsonl(run / "metrics.jsonl") if "lr" in r]
-
-
-def plot_lr(runs: dict[str, Path], path: Path) -> Path:
-    """Learning rate against step for each run (both must follow one schedule to its end)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from moekit.checkpoint.native import atomic_write
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for (name, run), style in zip(runs.items(), ("-", "--", ":")):
-        pts = _lrs(run)
-        ax.plot([s for s, _ in pts], [lr for _, lr in pts], style, label=name)
-    ax.set(xlabel="step", ylabel="learning rate", title="learning-rate schedule")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
-    plt.close(fig)
-    return path
-
-
-def _machine() -> str:
-    """`moekit doctor`'s facts in one line, with the load average (other jobs slow the run down)."""
-    import os
-
-    from moekit.doctor import facts, summary_line
-
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{summary_line(facts(backends=False))}; load average {load:.1f} at the end"
+def plan_seeds(root: Path, *, requested: int, minutes: float, max_tokens: int | None, min_tokens: int,
+               probe, key: dict[str, Any]) -> dict[str, Any]:
+    """How many seeds the budget affords, and why: a token budget decides it directly; a wall-clock one
+    through the MoE's probed speed (reused from seed_plan.json while the settings are the same)."""
+    if max_tokens is not None:
+        total, speed = float(max_tokens), None
+    else:
+        path = root / "seed_plan.json"
+        key = json.loads(json.dumps(key))
+        old = json.loads(path.read_text()) if path.is_file() else None
+        if old is not None and old.get("key") == key:
+            return old["plan"]
+        speed = probe()
+        total = speed * minutes * MOE_SHARE * 60
+    n = stats.seeds_for_budget(requested, total, min_tokens)
+    reason = None
+    if n < requested:
+        reason = (f"{n} of {requested} requested seeds: the budget gives about {total:,.0f} tokens per model"
+                  f"{f' ({speed:,.0f} MoE tok/s measured)' if speed else ''}, and each seed's run needs at least "
+                  f"{min_tokens:,} (--min-tokens-per-run)")
+    plan = {"requested": requested, "n": n, "total_tokens_estimate": total, "probe_tokens_per_s": speed,
+            "min_tokens_per_run": min_tokens, "reason": reason}
+    if max_tokens is None:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / "seed_plan.json", json.dumps({"key": key, "plan": plan}, indent=1))
+    return plan
 
 
-def compare(name: str = "moe-vs-dense", preset: str = "small-moe", *, data_dir: str = "data",
-            corpus: str = "en-prose", runs_dir: str = "runs", minutes: float = 12.0, max_tokens: int | None = None,
+def compare(name: str = "moe-vs-dense", preset: str = "small-moe", *, override: list[str] | None = None,
+            data_dir: str = "data", corpus: str = "en-prose", runs_dir: str = "runs", minutes: float = 12.0,
+            max_tokens: int | None = None, seeds: int = 3, min_tokens_per_run: int = stats.MIN_TOKENS_PER_RUN,
             batch_size: int = 16, seq_len: int = 256, lr: float = 2e-3, precision: str = "auto", seed: int = 0,
             eval_tokens: int | None = 65536, eval_every: int = 100, threads: int | None = None,
-            progress: bool = True) -> Path:
+            sweep: str | None = None, progress: bool = True) -> Path:
     """Run the whole comparison and return the path of the report."""
-    from moekit import build_model, count_params, dense_equivalent, get_preset
+    from moekit import count_params
     from moekit.data import prepare
-    from moekit.train.plots import plot_curves, plot_run
+    from moekit.train.plots import plot_curves
 
+    from moekit.train.trainer import TrainError
+
+    if seeds < 1 or min_tokens_per_run < 1 or (max_tokens is not None and max_tokens < 1) or minutes <= 0:
+        raise TrainError(f"--seeds ({seeds}), --min-tokens-per-run ({min_tokens_per_run}), --max-tokens "
+                         f"({max_tokens}) and --minutes ({minutes}) must be positive")
     t_start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
     root = Path(runs_dir) / name
-    # 1. data ----------------------------------------------------------------------------
+    # 1. data + models ---------------------------------------------------------------------
     t0 = time.perf_counter()
     data = prepare(corpus, data_dir, progress=progress)
     t_data = time.perf_counter() - t0
-    moe_cfg = get_preset(preset)
-    moe_cfg = moe_cfg.replace(vocab_size=data.vocab_size)
-    if moe_cfg.moe is None:
-        from moekit.train.trainer import TrainError
-
-        raise TrainError(f"preset {preset!r} is dense; `moekit compare` needs an MoE preset (e.g. small-moe)")
-    dense_cfg = dense_equivalent(moe_cfg)
-    # 2. MoE: the MoE gets ~55% of the training minutes; the dense model (usually faster per token)
-    # then trains on exactly as many steps, so both see the same tokens in the same order.
-    # The wall clock only sizes the MoE's cosine (finish_schedule): it trains to the schedule's end, and the
-    # dense model runs exactly that many steps, so both follow the same lr(step) from warmup to its floor.
-    base = dict(batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, precision=precision,
-                eval_every=eval_every, eval_tokens=eval_tokens, ckpt_every=100, threads=threads)
-    moe_tc = TrainConfig(**base, max_tokens=max_tokens, max_minutes=None if max_tokens else minutes * 0.55,
-                         finish_schedule=True)
-    job = {"preset": preset, "corpus": corpus, "data": str(data.root), "budget": {"minutes": None if max_tokens
-           else minutes, "max_tokens": max_tokens}}
-    moe_sum = _run_one(build_model(moe_cfg, seed=seed), data, root / "moe", moe_tc,
-                       {**job, "model": moe_cfg.to_dict(), "train": asdict(moe_tc)}, progress)
-    dense_tc = TrainConfig(**base, max_steps=moe_sum["steps"])
-    dense_sum = _run_one(build_model(dense_cfg, seed=seed), data, root / "dense", dense_tc,
-                         {**job, "model": dense_cfg.to_dict(), "train": asdict(dense_tc)}, progress)
-    # 3. evaluation + samples ------------------------------------------------------------
-    results, samples, info = {}, {}, {}
-    tok = data.tokenizer()
-    for label, summ, cfg in (("moe", moe_sum, moe_cfg), ("dense", dense_sum, dense_cfg)):
-        model = load_native(latest_checkpoint(root / label))
-        results[label] = evaluate_all(model, data, max_tokens=eval_tokens, seq_len=seq_len, progress=progress)
-        samples[label] = {p: greedy_sample(model, tok, p, 40) for p in PROMPTS}
-        pc = count_params(cfg)
-        info[label] = {**summ, "total_params": pc.total_params, "active_params": pc.active_params}
-    # 4. plots + report ------------------------------------------------------------------
-    plot_curves({"moe": root / "moe", "dense": root / "dense"}, root / "curves.png")
-    plot_lr({"moe": root / "moe", "dense": root / "dense"}, root / "lr.png")
-    sched = {label: _lrs(root / label) for label in ("moe", "dense")}
-    floor = lr * TrainConfig().min_lr_ratio
-    for label in ("moe", "dense"):
-        info[label]["final_lr"] = sched[label][-1][1] if sched[label] else None
-    schedule = {"same_lr_per_step": sched["moe"] == sched["dense"], "lr_floor": floor, "peak_lr": lr}
-    plot_run(root / "moe")
-    plot_run(root / "dense")
-    total_s = time.perf_counter() - t_start
-    payload = {"name": name, "preset": preset, "data": str(data.root), "data_seconds": t_data,
-               "total_seconds": total_s, "threads": torch.get_num_threads(), "models": info, "results": results,
-               "samples": samples, "moe_config": moe_cfg.to_dict(), "dense_config": dense_cfg.to_dict(),
-               "train_config": asdict(moe_tc), "schedule": schedule, "machine": _machine()}
+    moe_cfg, dense_cfg = resolve_pair(preset, data.vocab_size, override)
+    cfgs = {"moe": moe_cfg, "dense": dense_cfg}
+    base = dict(batch_size=batch_size, seq_len=seq_len, lr=lr, precision=precision, eval_every=eval_every,
+                eval_tokens=eval_tokens, ckpt_every=100, threads=threads)
+    job = {"preset": preset, "override": list(override or []), "corpus": corpus, "data": str(data.root),
+           "budget": {"minutes": None if max_tokens else minutes, "max_tokens": max_tokens}}
+    # 2. seeds -----------------------------------------------------------------------------
+    plan = plan_seeds(root, requested=seeds, minutes=minutes, max_tokens=max_tokens, min_tokens=min_tokens_per_run,
+                      probe=lambda: probe_tokens_per_s(moe_cfg, data, base, seed, root),
+                      key={**job, "model": moe_cfg.to_dict(), "train": base, "seeds": seeds,
+                           "min_tokens_per_run": min_tokens_per_run, "threads": torch.get_num_threads()})
+    seed_list = [seed + i for i in range(plan["n"])]
+    # 3. train: the first MoE's budget fixes the steps of every other run ------------------
+    first = ({"max_tokens": max_tokens // plan["n"]} if max_tokens else
+             {"max_minutes": minutes * MOE_SHARE / plan["n"]})
+    runs: dict[str, dict[str, Any]] = {}
+    steps = None
+    for s in seed_list:
+        budget = first if steps is None else {"max_steps": steps}
+        sums = train_pair(moe_cfg, dense_cfg, data, root / f"seed{s}", seed=s, base=base, moe_budget=budget,
+                          job={**job, "seed_budget": budget}, progress=progress, plots=s == seed_list[0])
+        steps = sums["moe"]["steps"] if steps is None else steps
+        runs[str(s)] = {"models": sums}
+    # 4. evaluation + samples: val (the verdict's split) up to --eval-tokens for every seed; the other
+    # splits share --eval-tokens across the seeds, so the job evaluates about as much as with one seed.
+    other_cap = None if eval_tokens is None else max(seq_len, eval_tokens // len(seed_list))
+    split_caps = {sp: (eval_tokens if sp == "val" else other_cap) for sp in ["val", "test", *data.ood_names]}
+    t_eval = time.perf_counter()
+    for s in seed_list:
+        ev = evaluate_pair(root / f"seed{s}", data, runs[str(s)]["models"], eval_tokens=eval_tokens, seq_len=seq_len,
+                           split_tokens=split_caps, progress=progress)
+        runs[str(s)].update(ev)
+        pair = {m: root / f"seed{s}" / m for m in MODELS}
+        runs[str(s)]["same_lr_per_step"] = lrs(pair["moe"]) == lrs(pair["dense"])
+    t_eval = time.perf_counter() - t_eval
+    # 5. statistics ------------------------------------------------------------------------
+    first_run = runs[str(seed_list[0])]
+    splits = list(first_run["results"]["moe"])
+    results = {m: {sp: {**stats.summarize([runs[str(s)]["results"][m][sp]["bpb"] for s in seed_list]),
+                        "tokens": first_run["results"][m][sp]["tokens"]} for sp in splits} for m in MODELS}
+    val = {m: {s: runs[str(s)]["results"][m]["val"]["bpb"] for s in seed_list} for m in MODELS}
+    paired = stats.paired(val["moe"], val["dense"])
+    degen = {m: any(degenerate(runs[str(s)]["samples"][m].values()) for s in seed_list) for m in MODELS}
+    code, text = stats.verdict(paired, degen)
+    info = {}
+    for m in MODELS:
+        pc, sm = count_params(cfgs[m]), [runs[str(s)]["models"][m] for s in seed_list]
+        sched = lrs(root / f"seed{seed_list[0]}" / m)
+        info[m] = {"total_params": pc.total_params, "active_params": pc.active_params, "tokens": sm[0]["tokens"],
+                   "steps": sm[0]["steps"], "train_seconds": sum(x["train_seconds"] for x in sm),
+                   "tokens_per_s": sum(x["tokens_per_s"] for x in sm) / len(sm), "stopped_by": sm[0]["stopped_by"],
+                   "final_lr": sched[-1][1] if sched else None,
+                   "reuse": "; ".join(f"seed {s} {runs[str(s)]['models'][m]['reuse']}" for s in seed_list)}
+    flops = {m: stats.training_flops(cfgs[m], info[m]["tokens"], seq_len) for m in MODELS}
+    eq, rel = stats.flops_equal(flops["moe"]["total"], flops["dense"]["total"])
+    sweep_path = Path(sweep) if sweep else Path(runs_dir) / "sweep" / "sweep.json"
+    # 6. plots + report --------------------------------------------------------------------
+    dashes = ("-", "--", ":", "-.")
+    plot_curves({f"{m} seed {s}": root / f"seed{s}" / m for s in seed_list for m in MODELS}, root / "curves.png",
+                {f"{m} seed {s}": {"color": "C0" if m == "moe" else "C1", "ls": dashes[i % 4], "lw": 1.2}
+                 for i, s in enumerate(seed_list) for m in MODELS})
+    plot_lr({m: root / f"seed{seed_list[0]}" / m for m in MODELS}, root / "lr.png")
+    payload = {"name": name, "preset": preset, "override": list(override or []), "data": str(data.root),
+               "data_seconds": t_data, "eval_seconds": t_eval, "threads": torch.get_num_threads(),
+               "seeds": {**plan, "used": seed_list},
+               "runs": runs, "models": info, "results": results, "paired": paired, "degenerate": degen,
+               "verdict": code, "verdict_text": text,
+               "flops": {**flops, "equal": eq, "rel_diff": rel, "tolerance": stats.FLOPS_EQUAL_TOL},
+               "sweep": sweep_context(sweep_path, moe_cfg, flops["moe"]["total"], batch_size, seq_len, lr),
+               "moe_config": moe_cfg.to_dict(), "dense_config": dense_cfg.to_dict(),
+               "train_config": {**base, **first}, "eval_tokens": eval_tokens, "first_seed": seed_list[0],
+               "schedule": {"same_lr_per_step": all(r["same_lr_per_step"] for r in runs.values()),
+                            "lr_floor": lr * TrainConfig().min_lr_ratio, "peak_lr": lr},
+               "machine": machine()}
+    payload["total_seconds"] = time.perf_counter() - t_start
     atomic_write_text(root / "results.json", json.dumps(payload, indent=1))
     report = root / "report.md"
     atomic_write_text(report, render_report(payload))
     return report
 
 
-RUN_TO_RUN_SPREAD_BPB = 0.02
-"""Val bpb spread between repeated main-job runs of one setting: "a few hundredths" measured across
-sessions and seeds (docs/experiments.md, MoE vs dense table). One run per model cannot resolve a
-smaller difference, so the verdict does not rank it."""
-
-
-def degenerate(texts) -> bool:
-    """Whether greedy samples are degenerate ("the the the ..."): any sample of 6+ words whose most
-    common word is over half of it, or with under a third of its words distinct."""
-    for t in texts:
-        words = str(t).split()
-        if len(words) >= 6:
-            top = max(words.count(w) for w in set(words))
-            if top > len(words) / 2 or len(set(words)) < len(words) / 3:
-                return True
-    return False
-
-
-def verdict_text(mv: float, dv: float, degen: dict[str, bool]) -> str:
-    """The report's verdict: no ranking of far-from-trained models, and none inside the run-to-run spread."""
-    bad = [m for m, d in degen.items() if d]
-    if bad:
-        return (f"**not ranked**: the {' and '.join(bad)} model{'s' if len(bad) > 1 else ''} still write degenerate "
-                "text (greedy samples below), so they are far from trained at this budget; give more --minutes "
-                "(or a faster CPU tier: `moekit doctor`).")
-    diff = dv - mv
-    if abs(diff) <= RUN_TO_RUN_SPREAD_BPB:
-        return (f"a difference of {abs(diff):.4f} bpb is **within the run-to-run spread** (about "
-                f"{RUN_TO_RUN_SPREAD_BPB} bpb between repeated runs, docs/experiments.md): no difference is "
-                "resolvable from one run of each at this budget.")
-    if diff > 0:
-        return f"the MoE is better by {diff:.4f} bpb ({diff / dv:.1%}), more than the run-to-run spread."
-    return (f"the MoE is **not** better at this scale (worse by {-diff:.4f} bpb, more than the run-to-run spread). "
-            "The seeds' claim does not hold for this run; see docs/experiments.md for how budget and size change it.")
-
-
-def render_report(p: dict[str, Any]) -> str:
-    """Markdown report: verdict, table, samples, plots."""
-    res, info = p["results"], p["models"]
-    splits = list(res["moe"])
-    mv, dv = res["moe"]["val"]["bpb"], res["dense"]["val"]["bpb"]
-    verdict = (f"The MoE reached **{mv:.4f}** val bits/byte against **{dv:.4f}** for the dense model with the same "
-               f"active parameters and the same {info['moe']['tokens']:,} training tokens: ")
-    verdict += verdict_text(mv, dv, {m: degenerate(p["samples"][m].values()) for m in ("moe", "dense")})
-    machine = p.get("machine")
-    lines = [f"# {p['name']}: MoE vs dense at equal active parameters", "",
-             *([f"Machine: {machine}.", ""] if machine else []), verdict, "",
-             "| model | total params | active params | tokens | train s | tok/s | stopped by | final lr | "
-             + " | ".join(f"{s} bpb" for s in splits) + " |",
-             "|---|---:|---:|---:|---:|---:|---|---:|" + "---:|" * len(splits)]
-    for m in ("moe", "dense"):
-        i = info[m]
-        lr_end = f"{i['final_lr']:.2e}" if i.get("final_lr") is not None else "-"
-        lines.append(f"| {m} | {i['total_params'] / 1e6:.2f}M | {i['active_params'] / 1e6:.2f}M | {i['tokens']:,} | "
-                     f"{i['train_seconds']:.0f} | {i['tokens_per_s']:,.0f} | {i.get('stopped_by', '-')} | {lr_end} | "
-                     + " | ".join(f"{res[m][s]['bpb']:.4f}" for s in splits) + " |")
-    ev_tok = {s: res["moe"][s]["tokens"] for s in splits}
-    lines += ["", f"Eval tokens per split: {ev_tok}. Data prep {p['data_seconds']:.0f} s, whole job "
-              f"{p['total_seconds'] / 60:.1f} min on {p['threads']} threads."]
-    sch = p.get("schedule")
-    if sch:
-        same = "the same learning rate at every step" if sch["same_lr_per_step"] else \
-            "**different** learning rates at some steps"
-        lines += ["", f"Schedule: warmup then cosine from {sch['peak_lr']:.1e} to {sch['lr_floor']:.1e}; both models "
-                  f"had {same} (plot below). `stopped by`: schedule_end = the wall clock sized the schedule and the "
-                  "run finished it; budget = its step/token budget; max_minutes = cut by the clock."]
-    reuse = {m: info[m].get("reuse") for m in ("moe", "dense") if info[m].get("reuse")}
-    if reuse:
-        lines += ["", "Runs: " + "; ".join(f"{m} {why}" for m, why in reuse.items()) + "."]
-    lines += ["", "## Greedy samples", ""]
-    for m in ("moe", "dense"):
-        for prompt, text in p["samples"][m].items():
-            lines.append(f"- **{m}** — _{prompt}_ → {json.dumps(text)}")
-    lines += ["", "## Plots", "", "![curves](curves.png)", "", "Learning rate of both models:", "", "![lr](lr.png)", "",
-              "MoE expert load over training and on val at the end:",
-              "", "![heatmap](moe/load_heatmap.png)", "", "![histogram](moe/load_hist.png)", "",
-              "Rerun: `moekit compare` (a finished run is reused only when its model, preset, data, budget and batch "
-              "shape match; otherwise it trains afresh and says why)."]
-    return "\n".join(lines) + "\n"
-
-
-def compare_cli(name: str = "moe-vs-dense", preset: str = "small-moe", data_dir: str = "data",
-                corpus: str = "en-prose", runs_dir: str = "runs", minutes: float = 12.0,
-                max_tokens: int | None = None, batch_size: int = 16, seq_len: int = 256, lr: float = 2e-3,
+def compare_cli(name: str = "moe-vs-dense", preset: str = "small-moe", override: list[str] | None = None,
+                data_dir: str = "data", corpus: str = "en-prose", runs_dir: str = "runs", minutes: float = 12.0,
+                max_tokens: int | None = None, seeds: int = 3, min_tokens_per_run: int = stats.MIN_TOKENS_PER_RUN,
+                batch_size: int = 16, seq_len: int = 256, lr: float = 2e-3,
                 precision: Literal["auto", "fp32", "bf16"] = "auto", seed: int = 0, eval_tokens: int = 65536,
-                threads: int | None = None, progress: bool = True) -> int:
-    """The main job: train an MoE and its dense equivalent on the same tokens, evaluate, write a report.
+                threads: int | None = None, sweep: str | None = None, progress: bool = True) -> int:
+    """The main job: train an MoE and its dense equivalent on the same tokens over seeds, evaluate, write a report.
 
-    Prepares the corpus, trains the MoE preset for a little over half of --minutes (or --max-tokens), then the
-    dense model with the same active parameters for exactly as many steps, evaluates both in bits per
-    byte (val, test, Moby-Dick, Shakespeare), generates greedy samples and writes
-    RUNS_DIR/NAME/report.md with the table and plots. No flags are needed.
+    Prepares the corpus, then for each of --seeds seeds (the budget is split across them; fewer seeds when a
+    run would get under --min-tokens-per-run tokens) trains the MoE preset to the end of its schedule and the
+    dense model with the same active parameters for exactly as many steps on the same batches. Evaluates all
+    in bits per byte (val, test, Moby-Dick, Shakespeare), compares the pairs (mean and std per model, paired
+    difference with a t-based 95 percent interval, verdict better / worse / no difference resolvable), reports
+    tokens per active parameter and training FLOPs, and writes RUNS_DIR/NAME/report.md. No flags are needed.
 
     Args:
         name: run name (output in RUNS_DIR/NAME).
-        preset: MoE preset; the dense model is its dense_equivalent.
+        preset: MoE preset name or config.json path; the dense model is its dense_equivalent.
+        override: model config edits, key=value (moe.FIELD for the MoE block), e.g. moe.top_k=1.
         data_dir: data directory of `moekit data prepare`.
         corpus: corpus to train on.
         runs_dir: where run directories go.
-        minutes: training budget in minutes for both models together (approximate).
-        max_tokens: train on exactly this many tokens instead of a time budget.
+        minutes: training budget in minutes for both models and all seeds together (approximate).
+        max_tokens: train each model on this many tokens in all (split across the seeds) instead of a time budget.
+        seeds: seeds to split the budget across (each seed trains one MoE and one dense model).
+        min_tokens_per_run: fewest tokens per seed's run; fewer seeds are trained below it.
         batch_size: sequences per step.
         seq_len: tokens per sequence.
         lr: peak learning rate (both models).
         precision: auto (bf16 autocast where the CPU has native bf16, else fp32), bf16, or fp32.
-        seed: seed of init and data order (both models).
-        eval_tokens: tokens evaluated per split (0: all).
+        seed: first seed (the others follow it: seed, seed+1, ...).
+        eval_tokens: tokens evaluated per split and run (0: all).
         threads: torch threads.
+        sweep: sweep.json of `moekit sweep` for the equal-FLOPs comparison (default RUNS_DIR/sweep/sweep.json).
         progress: show progress bars.
     """
-    report = compare(name, preset, data_dir=data_dir, corpus=corpus, runs_dir=runs_dir, minutes=minutes,
-                     max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len, lr=lr, precision=precision,
-                     seed=seed, eval_tokens=eval_tokens or None, threads=threads, progress=progress)
+    report = compare(name, preset, override=override, data_dir=data_dir, corpus=corpus, runs_dir=runs_dir,
+                     minutes=minutes, max_tokens=max_tokens, seeds=seeds, min_tokens_per_run=min_tokens_per_run,
+                     batch_size=batch_size, seq_len=seq_len, lr=lr, precision=precision, seed=seed,
+                     eval_tokens=eval_tokens or None, threads=threads, sweep=sweep, progress=progress)
     print(report.read_text())
     print(f"report: {report}")
     return 0

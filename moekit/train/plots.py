@@ -28,8 +28,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_curves(runs: dict[str, Path], path: Path) -> Path:
-    """Training loss (smoothed) and val bpb against tokens, one line per run."""
+def plot_curves(runs: dict[str, Path], path: Path, styles: dict[str, dict] | None = None) -> Path:
+    """Training loss (smoothed) and val bpb against tokens, one line per run (`styles[name]`: its
+    matplotlib line keywords, e.g. one colour per model and one dash per seed)."""
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for name, run in runs.items():
@@ -38,12 +39,13 @@ def plot_curves(runs: dict[str, Path], path: Path) -> Path:
             k = max(1, len(m) // 50)  # moving average: per-step losses are noisy at these batch sizes
             ys = [sum(r["ce"] for r in m[max(0, i - k + 1): i + 1]) / len(m[max(0, i - k + 1): i + 1])
                   for i in range(len(m))]
-            a1.plot([r["tokens"] / 1e6 for r in m], ys, label=name)
+            a1.plot([r["tokens"] / 1e6 for r in m], ys, label=name, **(styles or {}).get(name, {}))
         ev = [r for r in read_jsonl(run / "telemetry.jsonl") if r.get("kind") == "eval"]
         evals = [(r["step"], r["val_bpb"]) for r in ev if "val_bpb" in r]
         tok_per_step = (m[0]["tokens"] / m[0]["step"]) if m else 1
         if evals:
-            a2.plot([s * tok_per_step / 1e6 for s, _ in evals], [b for _, b in evals], marker="o", label=name)
+            a2.plot([s * tok_per_step / 1e6 for s, _ in evals], [b for _, b in evals], marker="o", label=name,
+                    **(styles or {}).get(name, {}))
     a1.set(xlabel="tokens (M)", ylabel="train cross-entropy (nats/token)", title="training loss")
     a2.set(xlabel="tokens (M)", ylabel="bits per byte", title="validation bits per byte")
     for a in (a1, a2):

@@ -139,12 +139,13 @@ def _truncate_jsonl(path: Path, step: int) -> None:
 
 
 def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume: bool = False,
-          progress: bool = True, on_step=None, parallel=None) -> TrainResult:
+          progress: bool = True, on_step=None, parallel=None, plots: bool = True) -> TrainResult:
     """Train `model` (a `Transformer`) on prepared `data`; write checkpoints, metrics and telemetry to `out`.
 
     `on_step(step, record)` is called after every optimizer step (tests use it to interrupt runs).
     `parallel`: a `moekit.distributed.train.TrainParallel` under torchrun (data sharding, gradient
-    sync, rank-0 outputs, gathered checkpoints); None for one process."""
+    sync, rank-0 outputs, gathered checkpoints); None for one process. `plots=False` skips the run's
+    PNGs (`moekit sweep` trains dozens of runs whose plots nobody reads; `moekit.train.plots.plot_run` redraws them)."""
     # Plan:
     # 1. validate, seed, build optimizer + sampler; restore everything from the latest checkpoint on resume;
     # 2. loop: lr, micro-batches (forward, backward, telemetry, loads), clip, step, bias update;
@@ -311,7 +312,8 @@ def train(model, data, out: str | Path, tc: TrainConfig | None = None, *, resume
     try:
         from moekit.train.plots import plot_run
 
-        plot_run(out)
+        if plots:
+            plot_run(out)
     except ImportError:  # matplotlib missing: training results are still complete
         pass
     return res
