@@ -81,7 +81,7 @@ def plan_seeds(root: Path, *, requested: int, minutes: float, max_tokens: int | 
     return plan
 
 
-def compare(name: str = "moe-vs-dense", preset: str = "small-moe", *, override: list[str] | None = None,
+def compare(name: str = "moe-vs-dense", preset: str = "small-moe-fg", *, override: list[str] | None = None,
             data_dir: str = "data", corpus: str = "en-prose", runs_dir: str = "runs", minutes: float = 12.0,
             max_tokens: int | None = None, seeds: int = 3, min_tokens_per_run: int = stats.MIN_TOKENS_PER_RUN,
             batch_size: int = 16, seq_len: int = 256, lr: float = 2e-3, precision: str = "auto", seed: int = 0,
@@ -186,7 +186,7 @@ def compare(name: str = "moe-vs-dense", preset: str = "small-moe", *, override: 
     return report
 
 
-def compare_cli(name: str = "moe-vs-dense", preset: str = "small-moe", override: list[str] | None = None,
+def compare_cli(name: str = "moe-vs-dense", preset: str = "small-moe-fg", override: list[str] | None = None,
                 data_dir: str = "data", corpus: str = "en-prose", runs_dir: str = "runs", minutes: float = 12.0,
                 max_tokens: int | None = None, seeds: int = 3, min_tokens_per_run: int = stats.MIN_TOKENS_PER_RUN,
                 batch_size: int = 16, seq_len: int = 256, lr: float = 2e-3,

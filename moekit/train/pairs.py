@@ -50,6 +50,26 @@ def key_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def normalise_key(key: dict) -> dict:
+    """A stored run key with the defaults of fields added since it was written: a new config or
+    training field that keeps its default does not change what a finished run was trained with, so it
+    must not force a retrain. Keys that no longer parse are returned unchanged (and then differ)."""
+    from dataclasses import fields
+
+    from moekit.config import ModelConfig
+
+    out = dict(key)
+    try:
+        if isinstance(out.get("model"), dict):
+            out["model"] = ModelConfig.from_dict(out["model"]).to_dict()
+        if isinstance(out.get("train"), dict):
+            names = {f.name for f in fields(TrainConfig)}
+            out["train"] = asdict(TrainConfig(**{k: v for k, v in out["train"].items() if k in names}))
+    except Exception:  # an old key this code cannot read: compared as stored (it differs, and retrains)
+        return key
+    return json.loads(json.dumps(out))
+
+
 def run_one(model, data, out: Path, tc: TrainConfig, key: dict, progress: bool, plots: bool = True) -> dict[str, Any]:
     """Train, reuse a finished run, or resume an interrupted one, and return its summary with
     "reuse" saying which and why. A finished or interrupted run is reused only when its key (model
@@ -59,7 +79,7 @@ def run_one(model, data, out: Path, tc: TrainConfig, key: dict, progress: bool, 
     key = json.loads(json.dumps(key))  # the JSON form, as it is stored and compared
     why = None
     if out.exists() and any(out.iterdir()):
-        old = json.loads(key_path.read_text()) if key_path.is_file() else None
+        old = normalise_key(json.loads(key_path.read_text())) if key_path.is_file() else None
         if old == key and summary.is_file():
             return {**json.loads(summary.read_text()), "reuse": "reused (same settings)"}
         if old == key and latest_checkpoint(out) is not None:
