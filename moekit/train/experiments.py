@@ -7,8 +7,9 @@ Experiments (every run: same data order, seed, schedule and token budget):
   b  balancing: none vs Switch aux loss (0.01) vs aux-loss-free score bias (rate 1e-3 and 1e-2);
   c  aux-loss coefficient sweep 0.001 / 0.01 / 0.1 / 1.0;
   d  top-1 vs top-2 vs top-4 with the same experts (equal total parameters, different active cost);
-  r  recipe screen for the main job: dense vs the preset vs aux-loss-free bias vs DeepSeekMoE-style
-     fine-grained experts + a shared expert (16 of width F/2 top-3, 32 of F/4 top-6) at equal active width.
+  r  recipe screen for the main job: dense vs the preset vs DeepSeekMoE-style fine-grained experts +
+     a shared expert (16 of width F/2, top-3) at equal active width (the `small-moe-fg` preset);
+  r2 more recipes: aux-loss-free bias balancing, 32 experts of width F/4 top-6 + shared, fine16 + bias.
 Runs that already finished in RUNS_DIR are reused, so an interrupted sweep continues where it stopped.
 Writes RUNS_DIR/<exp>.md and RUNS_DIR/<exp>.json.
 """
@@ -52,7 +53,8 @@ RUNS: dict[str, tuple[bool, dict[str, Any]]] = {
 }
 EXPERIMENTS = {"a": ["aux-0.01", "dense"], "b": ["none", "aux-0.01", "bias", "bias-0.01"],
                "c": ["aux-0.001", "aux-0.01", "aux-0.1", "aux-1.0"], "d": ["top1", "aux-0.01", "top4"],
-               "r": ["dense", "aux-0.01", "bias", "fine16", "fine32", "fine16-bias"]}
+               "r": ["dense", "aux-0.01", "fine16"],
+               "r2": ["bias", "fine32", "fine16-bias"]}
 
 
 def run_one(name: str, preset: str, data, root: Path, tc: TrainConfig) -> dict[str, Any]:
@@ -131,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                 cache[name] = run_one(name, a.preset, data, root, tc)
             rows.append(cache[name])
         md = (f"## Experiment {e}\n\n`python -m moekit.train.experiments {e} --preset {a.preset} --max-tokens "
-              f"{a.max_tokens} --batch-size {a.batch_size} --seq-len {a.seq_len} --lr {a.lr}"
+              f"{a.max_tokens} --batch-size {a.batch_size} --seq-len {a.seq_len} --lr {a.lr} --precision {a.precision} "
+              f"--warmup-steps {a.warmup_steps} --seed {a.seed}"
               f"{f' --threads {a.threads}' if a.threads else ''}` (load statistics from the final val eval, "
               f"{a.eval_tokens} tokens)\n\n{table(rows)}\n")
         atomic_write_text(root / f"{e}.md", md)
