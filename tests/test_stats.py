@@ -95,3 +95,22 @@ def test_interp_log_and_training_flops():
     eq, rel = stats.flops_equal(f_m["total"], f_d["total"])
     assert eq and abs(rel) < 0.02  # equal active parameters: nearly equal FLOPs (the router adds a little)
     assert not stats.flops_equal(1.1, 1.0)[0]
+
+
+def test_run_key_gains_new_fields_defaults_and_stays_equal():
+    """A run key written before a config/training field existed still matches (the field kept its
+    default), while a real change still differs."""
+    from dataclasses import asdict
+
+    from moekit import get_preset
+    from moekit.train.pairs import normalise_key
+    from moekit.train.trainer import TrainConfig
+
+    cfg = get_preset("tiny-moe")
+    new = {"preset": "tiny-moe", "model": cfg.to_dict(), "train": asdict(TrainConfig(max_tokens=1000))}
+    old = {**new, "model": {k: v for k, v in new["model"].items() if k != "sliding_window"},
+           "train": {k: v for k, v in new["train"].items() if k != "finish_schedule"}}
+    old["model"]["moe"] = {k: v for k, v in old["model"]["moe"].items() if k != "cost_lambda"}
+    assert old != new and normalise_key(old) == normalise_key(new)
+    changed = {**new, "train": {**new["train"], "lr": 1.0}}
+    assert normalise_key(changed) != normalise_key(new)
