@@ -85,6 +85,11 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     seq_aux_loss: bool = False
     """Compute the balance loss per sequence and average (DeepSeek-V3's sequence-wise loss)."""
+    hyper_dim: int = 0
+    """HyperMoE (arXiv 2402.12656): bottleneck width of the HyperExpert adapter that a hypernetwork
+    shared across layers generates from the token's *unselected* experts (0 = off; `moekit.moe.hypermoe`)."""
+    hyper_emb_dim: int = 32
+    """HyperMoE: width of the learned expert and layer embeddings and of the generator's hidden layer."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -124,6 +129,13 @@ class MoEConfig:
             _fail("moe.top_k", "the soft router runs every expert: set top_k = num_experts")
         if not 0 <= self.jitter_eps < 1:
             _fail("moe.jitter_eps", f"must be in [0, 1), got {self.jitter_eps}")
+        if self.hyper_dim < 0:
+            _fail("moe.hyper_dim", f"must be >= 0 (0 = HyperMoE off), got {self.hyper_dim}")
+        if self.hyper_dim and self.hyper_emb_dim < 1:
+            _fail("moe.hyper_emb_dim", f"must be >= 1 when hyper_dim > 0, got {self.hyper_emb_dim}")
+        if self.hyper_dim and self.top_k >= self.num_experts:
+            _fail("moe.hyper_dim", f"HyperMoE needs unselected experts, but top_k={self.top_k} selects all "
+                  f"{self.num_experts}; lower top_k or set hyper_dim=0")
 
     @property
     def gated(self) -> bool:

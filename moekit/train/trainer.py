@@ -323,7 +323,7 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
               threads: int | None = None, aux_loss_coef: float | None = None,
               balance: Literal["config", "none", "aux", "bias"] = "config", top_k: int | None = None,
               progress: bool = True, ep: int = 1, eplb_interval: int = 0, eplb_window: int = 0,
-              eplb_redundant: int = 0) -> int:
+              eplb_redundant: int = 0, hyper_dim: int | None = None) -> int:
     """Train a model on prepared text, with bits-per-byte evals, routing telemetry and exact --resume.
 
     The model comes from --preset, --config (moekit or HF config.json) or --init-from (a moekit model
@@ -365,6 +365,8 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
         eplb_interval: with --ep, rebalance experts (EPLB) every this many steps, moving weights and AdamW moments.
         eplb_window: steps of expert loads EPLB looks at (0 = all so far).
         eplb_redundant: extra replica slots for the hottest experts (rounded up to a multiple of --ep).
+        hyper_dim: HyperMoE: add a HyperExpert adapter of this bottleneck width, generated per token from its
+            unselected experts by a hypernetwork shared across layers (0 = off; `moekit.moe.hypermoe`).
     """
     from moekit.config import ConfigError
 
@@ -375,7 +377,8 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
     # Under torchrun, rank 0 prepares the data (tokenizer, shards) before the others read it.
     model, data = rank0_first(lambda: build_for_training(
         preset=preset, config=config, init_from=init_from, data_dir=data_dir, corpus=corpus, vocab_size=vocab_size,
-        seed=seed, aux_loss_coef=aux_loss_coef, balance=balance, top_k=top_k, resume_dir=out if resume else None))
+        seed=seed, aux_loss_coef=aux_loss_coef, balance=balance, top_k=top_k, resume_dir=out if resume else None,
+        hyper_dim=hyper_dim))
     if max_minutes is None and max_tokens is None and max_steps is None:
         max_tokens = 2_000_000
     tc = TrainConfig(batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
@@ -399,7 +402,7 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
 
 def build_for_training(*, preset=None, config=None, init_from=None, data_dir="data", corpus="en-prose",
                        vocab_size=8192, seed=0, aux_loss_coef=None, balance="config", top_k=None, resume_dir=None,
-                       progress=True):
+                       progress=True, hyper_dim=None):
     """Resolve the model (preset / config / init-from / a resumed run's config) and prepare the data."""
     from moekit import build_model, get_preset, resolve_config
     from moekit.checkpoint.native import load_native
@@ -420,12 +423,14 @@ def build_for_training(*, preset=None, config=None, init_from=None, data_dir="da
         return build_model(cfg, seed=seed), data
     if init_from is not None:
         model = load_native(init_from).train()
-        if any(x is not None for x in (aux_loss_coef, top_k)) or balance != "config":
+        if any(x is not None for x in (aux_loss_coef, top_k, hyper_dim)) or balance != "config":
             raise TrainError("--init-from keeps the model's own config; edit its config.json to change routing")
         return model, data
     cfg = resolve_config(config) if config is not None else get_preset(preset or "small-moe")
     if cfg.vocab_size != data.vocab_size:
         cfg = cfg.replace(vocab_size=data.vocab_size)  # the vocabulary is the data's, whatever the preset says
+    if hyper_dim and cfg.moe is None:
+        raise TrainError(f"--hyper-dim adds a HyperExpert to MoE layers, and {cfg.name} is dense; choose an MoE model")
     if cfg.moe is not None:
         m = cfg.moe
         upd: dict[str, Any] = {}
@@ -440,6 +445,8 @@ def build_for_training(*, preset=None, config=None, init_from=None, data_dir="da
             upd.update(aux_loss_coef=0.0, score_correction_bias=True, bias_update_rate=m.bias_update_rate or 1e-3)
         if top_k is not None:
             upd["top_k"] = top_k
+        if hyper_dim is not None:
+            upd["hyper_dim"] = hyper_dim
         if upd:
             cfg = cfg.replace(moe=dataclasses.replace(m, **upd))
     return build_model(cfg, seed=seed), data
