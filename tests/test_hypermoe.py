@@ -32,24 +32,27 @@ def _cfg(hyper_dim: int = 8, **moe) -> ModelConfig:
 
 
 def _wake(model) -> None:
-    """Give the zero-initialised up generator random values, as training would."""
+    """Give the zero-initialised up heads random values, as training would."""
+    hn = model.hypernet
     with torch.no_grad():
-        model.hypernet.up_w.normal_(std=0.05)
-        model.hypernet.up_b.normal_(std=0.05)
+        for p in (hn.up_w, hn.up_b, hn.up_bias_w, hn.up_bias_b):
+            p.normal_(std=0.05)
 
 
 def _reference(hn: HyperNetwork, x_TD: torch.Tensor, ids_TK: torch.Tensor, slot: int) -> torch.Tensor:
     """The paper's formulation, token by token: the mean embedding of the token's unselected experts
-    and the layer embedding -> generator -> that token's own adapter."""
-    D, R, E = hn.dim, hn.cfg.hyper_dim, hn.cfg.num_experts
+    and the layer embedding -> hidden code h -> that token's own generated adapter weights."""
+    E = hn.cfg.num_experts
     out = []
     for t in range(x_TD.shape[0]):
         unsel = [e for e in range(E) if e not in ids_TK[t].tolist()]
         z = torch.cat([hn.expert_emb[slot, unsel].mean(0), hn.layer_emb[slot]])
         h = F.relu(hn.in_w @ z + hn.in_b)
-        down, up = hn.down_w @ h + hn.down_b, hn.up_w @ h + hn.up_b
-        a = F.relu(x_TD[t] @ down[:D * R].view(D, R) + down[D * R:])
-        out.append(a @ up[:R * D].view(R, D) + up[R * D:])
+        w_down = hn.down_w @ h + hn.down_b  # [D, R]
+        b_down = hn.down_bias_w @ h + hn.down_bias_b
+        w_up = torch.einsum("rhd,h->rd", hn.up_w, h) + hn.up_b  # [R, D]
+        b_up = hn.up_bias_w @ h + hn.up_bias_b
+        out.append(F.relu(x_TD[t] @ w_down + b_down) @ w_up + b_up)
     return torch.stack(out)
 
 
@@ -71,8 +74,10 @@ def test_gradients_reach_the_hypernetwork():
     ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
     hn = model.hypernet
     model(ids, labels=ids).loss.backward()
-    # At init only the (zero) up generator gets a gradient: the adapter's hidden units are live.
-    assert hn.up_w.grad.abs().sum() > 0 and hn.up_b.grad.abs().sum() > 0
+    # At init only the (zero) up heads get a gradient: the adapter's hidden units are live.
+    for p in (hn.up_w, hn.up_b, hn.up_bias_w, hn.up_bias_b):
+        assert p.grad.abs().sum() > 0
+    assert hn.down_w.grad.abs().sum() == 0
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     opt.step()
     opt.zero_grad()
@@ -82,18 +87,21 @@ def test_gradients_reach_the_hypernetwork():
     assert hn.expert_emb.grad[0].abs().sum() > 0 and hn.expert_emb.grad[1].abs().sum() > 0
 
 
-def test_per_set_generation_equals_per_token_reference_forward_and_backward():
+@pytest.mark.parametrize("path", ["grouped", "factorised"])
+def test_hyperexpert_equals_per_token_reference_forward_and_backward(path):
+    """Per-set generation + grouped GEMM, and the factorised fallback, both equal generating every
+    token's own adapter weights (the paper), values and gradients."""
     cfg = MoEConfig(num_experts=6, top_k=2, expert_dim=16, hyper_dim=4, hyper_emb_dim=8)
     torch.manual_seed(0)
     hn = HyperNetwork(12, 2, cfg)
     with torch.no_grad():
-        hn.up_w.normal_(std=0.1)
-        hn.up_b.normal_(std=0.1)
+        for p in (hn.up_w, hn.up_b, hn.up_bias_w, hn.up_bias_b):
+            p.normal_(std=0.1)
     x = torch.randn(20, 12, requires_grad=True)
     ids = torch.stack([torch.randperm(6)[:2] for _ in range(20)])
     ids[5:9] = ids[0]  # repeated sets share one generated adapter
     g = torch.randn(20, 12)
-    out = hn(x, ids, slot=1)
+    out = hn(x, ids, slot=1) if path == "grouped" else hn.forward_factorised(x, ids, slot=1)
     (out * g).sum().backward()
     got = {n: p.grad.clone() for n, p in hn.named_parameters()} | {"x": x.grad.clone()}
     hn.zero_grad()
@@ -169,7 +177,9 @@ def test_hypernetwork_is_counted_once():
 
 
 def test_plan_flops_equal_torch_flop_counter():
-    """One decode token (its own expert set): the planner's HyperMoE FLOPs are what torch counts."""
+    """One decode token (its own expert set): the planner's HyperMoE FLOPs are what torch counts (its
+    counter skips grouped_mm, so the adapter's two [1, D] x [D, R] products are added by hand), and
+    the factorised fallback costs the same."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from moekit.plan.spec import flops_per_token
@@ -181,8 +191,12 @@ def test_plan_flops_equal_torch_flop_counter():
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         for slot in range(2):
             model.hypernet(x, ids, slot)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc2:
+        for slot in range(2):
+            model.hypernet.forward_factorised(x, ids, slot)
     f = flops_per_token(cfg, 16)
-    assert f["hypernetwork"] == fc.get_total_flops() > 0
+    adapter = 2 * 2 * 2 * cfg.dim * cfg.moe.hyper_dim  # 2 layers x 2 projections x 2 FLOPs per multiply-add
+    assert f["hypernetwork"] == fc.get_total_flops() + adapter == fc2.get_total_flops() > 0
     assert f["total"] == f["matmul"] + f["attention"] + f["hypernetwork"]
     assert flops_per_token(_cfg(hyper_dim=0), 16)["matmul"] == f["matmul"]  # not double counted
 
