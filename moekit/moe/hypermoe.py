@@ -16,12 +16,13 @@ selected experts (and the layer), so they are generated once per *distinct* set:
 generator rows instead of T (8 experts top-2 have 28 sets), which equals the paper's per-token
 generation exactly. Tokens are then sorted by set and each set's adapter runs as one group of a
 grouped GEMM (`torch.nn.functional.grouped_mm`, as grouped experts): 2*D*R multiply-adds per token.
-Measured, forward + backward of one layer, 1024 tokens, D 128, R 16, H 32, one Zen 4 core of a
-loaded machine (indicative): this path 8 ms, next to 72 ms for the MoE layer itself; gathering a
-[D, R] matrix per token and a batched matmul, 158 ms (torch's CPU bmm loops over 1x128 @ 128x16
-products; the gathered weights are 8 MB per projection); never materialising any weights
-(x W(h) = sum_j h_j (x W_j) + x W_0, two [T, D] x [D, R*H] GEMMs, `forward_factorised`), 40-47 ms.
-It is used where `grouped_mm` is missing (older torch) or off the CPU.
+Measured by `benchmarks/hypermoe_overhead.py` (one layer, forward + backward, 1024 tokens, D 128,
+R 16, H 32, one Zen 4 core of a loaded machine, so indicative): this path costs a small fraction of
+the MoE layer itself (8 vs 72 ms); never materialising any weights (x W(h) = sum_j h_j (x W_j) +
+x W_0, two [T, D] x [D, R*H] GEMMs, `forward_factorised`) about 5x this path; gathering a [D, R]
+matrix per token and a batched matmul (commit c1866e4) 158 ms, as torch's CPU bmm loops over the
+1x128 @ 128x16 products and the gathered weights are 8 MB per projection. The factorised form
+is used where `grouped_mm` is missing (older torch) or off the CPU.
 
 The generator's output heads for the up projection start at zero (as LoRA's B): a new HyperMoE
 model computes exactly its base MoE, and training grows the HyperExpert from there (the paper's
