@@ -134,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-
 def run_seeds(exps: list[str], a, data, tc: TrainConfig, root: Path) -> int:
     """Each experiment once per seed (init, data order and router noise all follow the seed), then
     mean +- sample std per run name over the seeds: RUNS_DIR/<exp>-seeds.md and .json."""
@@ -142,7 +141,7 @@ def run_seeds(exps: list[str], a, data, tc: TrainConfig, root: Path) -> int:
 
     cmd = (f"python -m moekit.train.experiments {' '.join(exps)} --seeds {' '.join(map(str, a.seeds))} --preset "
            f"{a.preset} --max-tokens {a.max_tokens} --batch-size {a.batch_size} --seq-len {a.seq_len} --lr {a.lr}"
-           f"{f' --threads {a.threads}' if a.threads else ''}")
+           f"{f' --threads {a.threads}' if a.threads else ''} --data-dir {a.data_dir}")
     for e in exps:
         per: dict[str, list[dict[str, Any]]] = {n: [] for n in EXPERIMENTS[e]}
         for seed in a.seeds:
