@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         "raw": {"train_s": train_s, "forward_s": fwd_s},
     }
     cmd = (f"python benchmarks/hypermoe_overhead.py --preset {a.preset} --hyper-dim {a.hyper_dim} --batch {a.batch} "
-           f"--seq {a.seq} --rounds {a.rounds} --threads {a.threads}" + (f" --data-dir {a.data_dir}" if a.data_dir else ""))
+           f"--seq {a.seq} --rounds {a.rounds} --threads {a.threads}"
+           + (f" --data-dir {a.data_dir}" if a.data_dir else ""))
     md = [f"## HyperMoE step-time overhead ({a.preset}, hyper_dim {a.hyper_dim})", "",
           f"`{cmd}`", "",
           f"{res['cpu']}, {a.threads} thread(s), torch {torch.__version__}, 1-min load average at the end "
@@ -165,15 +166,16 @@ def main(argv: list[str] | None = None) -> int:
           "| model | total params | active params | hypernetwork params | FLOPs/token (bound) | train step (ms) "
           "| no-grad forward (ms) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for k in models:
-        p = res["params"][k]
+        p, ms = res["params"][k], lambda d: f"{d[k] * 1e3:.1f}"  # noqa: E731
         md.append(f"| {k} | {p['total'] / 1e6:.3f}M | {p['active'] / 1e6:.3f}M | {p['hypernetwork'] / 1e3:.1f}K | "
-                  f"{fl[k]['total'] / 1e6:.2f}M | {res['train_step_s'][k] * 1e3:.1f} | {res['forward_s'][k] * 1e3:.1f} |")
-    md += ["", f"HyperMoE / MoE: train step {res['train_overhead_ratio_of_medians']:.3f}x (median of per-round ratios "
-           f"{res['train_overhead_median_paired']:.3f}x), no-grad forward {res['forward_overhead_ratio_of_medians']:.3f}x "
+                  f"{fl[k]['total'] / 1e6:.2f}M | {ms(res['train_step_s'])} | {ms(res['forward_s'])} |")
+    md += ["", f"HyperMoE / MoE: train step {res['train_overhead_ratio_of_medians']:.3f}x (median of per-round "
+           f"ratios {res['train_overhead_median_paired']:.3f}x), no-grad forward "
+           f"{res['forward_overhead_ratio_of_medians']:.3f}x "
            f"(paired {res['forward_overhead_median_paired']:.3f}x).", "",
            f"One MoE layer, forward + backward on its {a.batch * a.seq} tokens (median ms): router + experts "
-           f"{layer['moe_layer'] * 1e3:.1f}; HyperExpert per expert set + grouped GEMM {layer['hyper_grouped'] * 1e3:.1f}; "
-           f"factorised fallback {layer['hyper_factorised'] * 1e3:.1f}.", ""]
+           f"{layer['moe_layer'] * 1e3:.1f}; HyperExpert per expert set + grouped GEMM "
+           f"{layer['hyper_grouped'] * 1e3:.1f}; factorised fallback {layer['hyper_factorised'] * 1e3:.1f}.", ""]
     out = Path(a.out)
     atomic_write_text(out.with_suffix(".json"), json.dumps(res, indent=1))
     atomic_write_text(out.with_suffix(".md"), "\n".join(md))

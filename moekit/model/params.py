@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from moekit.config import ModelConfig, MoEConfig
 from moekit.moe import hypermoe
 
-COMPONENTS = ("embedding", "attention", "norms", "router", "routed_experts", "shared_experts", "hypernetwork", "dense_ffn",
-              "lm_head")
+COMPONENTS = ("embedding", "attention", "norms", "router", "routed_experts", "shared_experts", "hypernetwork",
+              "dense_ffn", "lm_head")
 
 
 @dataclass

@@ -146,11 +146,13 @@ def run_seeds(exps: list[str], a, data, tc: TrainConfig, root: Path) -> int:
         per: dict[str, list[dict[str, Any]]] = {n: [] for n in EXPERIMENTS[e]}
         for seed in a.seeds:
             for name in EXPERIMENTS[e]:
-                per[name].append(run_one(name, a.preset, data, root / f"seed{seed}", dataclasses.replace(tc, seed=seed)))
+                tc_seed = dataclasses.replace(tc, seed=seed)
+                per[name].append(run_one(name, a.preset, data, root / f"seed{seed}", tc_seed))
         ms = lambda xs: (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)  # noqa: E731
         summary = []
-        lines = ["| run | total params | active params | seeds | val bpb (mean ± std) | Δ bpb vs first run, paired by seed "
-                 "(mean ± std) | tok/s (mean ± std) |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines = ["| run | total params | active params | seeds | val bpb (mean ± std) "
+                 "| Δ bpb vs first run, paired by seed (mean ± std) | tok/s (mean ± std) |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
         first = per[EXPERIMENTS[e][0]]
         for name, rows in per.items():
             bpb, tok = ms([r["val_bpb"] for r in rows]), ms([r["tok_s"] for r in rows])
