@@ -17,11 +17,12 @@ generator rows instead of T (8 experts top-2 have 28 sets), which equals the pap
 generation exactly. Tokens are then sorted by set and each set's adapter runs as one group of a
 grouped GEMM (`torch.nn.functional.grouped_mm`, as grouped experts): 2*D*R multiply-adds per token.
 Measured by `benchmarks/hypermoe_overhead.py` (one layer, forward + backward, 1024 tokens, D 128,
-R 16, H 32, one Zen 4 core of a loaded machine, so indicative): this path costs a small fraction of
-the MoE layer itself (8 vs 72 ms); never materialising any weights (x W(h) = sum_j h_j (x W_j) +
-x W_0, two [T, D] x [D, R*H] GEMMs, `forward_factorised`) about 5x this path; gathering a [D, R]
-matrix per token and a batched matmul (commit c1866e4) 158 ms, as torch's CPU bmm loops over the
-1x128 @ 128x16 products and the gathered weights are 8 MB per projection. The factorised form
+R 16, H 32, one Zen 4 core of a loaded machine, so indicative; results in docs/hypermoe.md): this
+path costs a small fraction of the MoE layer itself; never materialising any weights
+(x W(h) = sum_j h_j (x W_j) + x W_0, two [T, D] x [D, R*H] GEMMs, `forward_factorised`) several
+times this path. A first version that gathered a [D, R] matrix per token for a batched matmul
+(commit c1866e4) was an order of magnitude slower still: torch's CPU bmm loops over the
+1x128 @ 128x16 products, and the gathered weights are 8 MB per projection. The factorised form
 is used where `grouped_mm` is missing (older torch) or off the CPU.
 
 The generator's output heads for the up projection start at zero (as LoRA's B): a new HyperMoE

@@ -7,7 +7,8 @@ Experiments (every run: same data order, seed, schedule and token budget):
   b  balancing: none vs Switch aux loss (0.01) vs aux-loss-free score bias (rate 1e-3 and 1e-2);
   c  aux-loss coefficient sweep 0.001 / 0.01 / 0.1 / 1.0;
   d  top-1 vs top-2 vs top-4 with the same experts (equal total parameters, different active cost);
-  h  HyperMoE (a generated HyperExpert adapter, bottleneck 16) vs the same MoE without it (equal active experts).
+  h  HyperMoE (a generated HyperExpert adapter, bottleneck 16) vs the same MoE without it (equal active experts),
+     and vs a static always-on expert of the same width (is it the unselected experts, or just a bit more compute?).
 `--seeds 0 1 2` runs every experiment once per seed in RUNS_DIR/seed<N>/ and reports mean +- std per run.
 Runs that already finished in RUNS_DIR are reused, so an interrupted sweep continues where it stopped.
 Writes RUNS_DIR/<exp>.md and RUNS_DIR/<exp>.json.
@@ -41,10 +42,12 @@ RUNS: dict[str, tuple[bool, dict[str, Any]]] = {
     "top1": (False, {"aux_loss_coef": 0.01, "top_k": 1}),
     "top4": (False, {"aux_loss_coef": 0.01, "top_k": 4}),
     "hyper": (False, {"aux_loss_coef": 0.01, "hyper_dim": 16}),
+    # Control for "hyper": an always-on adapter of the same width that ignores the unselected experts.
+    "shared-16": (False, {"aux_loss_coef": 0.01, "num_shared_experts": 1, "shared_expert_dim": 16}),
 }
 EXPERIMENTS = {"a": ["aux-0.01", "dense"], "b": ["none", "aux-0.01", "bias", "bias-0.01"],
                "c": ["aux-0.001", "aux-0.01", "aux-0.1", "aux-1.0"], "d": ["top1", "aux-0.01", "top4"],
-               "h": ["aux-0.01", "hyper"]}
+               "h": ["aux-0.01", "hyper", "shared-16"]}
 
 
 def run_one(name: str, preset: str, data, root: Path, tc: TrainConfig) -> dict[str, Any]:
