@@ -113,6 +113,11 @@ class MoEConfig:
     """Weight of the expected-cost penalty in the training loss."""
     expert_dims: list[int] | None = None
     """Heterogeneous experts: the hidden width of each routed expert (max = expert_dim; stored padded)."""
+    hyper_dim: int = 0
+    """HyperMoE (arXiv 2402.12656): bottleneck width of the HyperExpert adapter that a hypernetwork
+    shared across layers generates from the token's *unselected* experts (0 = off; `moekit.moe.hypermoe`)."""
+    hyper_emb_dim: int = 32
+    """HyperMoE: width of the learned expert and layer embeddings and of the generator's hidden layer."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -155,6 +160,13 @@ class MoEConfig:
         if self.expert_act == "clamped_swiglu" and not (self.swiglu_limit > 0 and self.swiglu_alpha > 0):
             _fail("moe.swiglu_limit", f"clamped_swiglu needs swiglu_limit > 0 and swiglu_alpha > 0, got "
                   f"{self.swiglu_limit} / {self.swiglu_alpha}")
+        if self.hyper_dim < 0:
+            _fail("moe.hyper_dim", f"must be >= 0 (0 = HyperMoE off), got {self.hyper_dim}")
+        if self.hyper_dim and self.hyper_emb_dim < 1:
+            _fail("moe.hyper_emb_dim", f"must be >= 1 when hyper_dim > 0, got {self.hyper_emb_dim}")
+        if self.hyper_dim and self.top_k >= self.num_experts:
+            _fail("moe.hyper_dim", f"HyperMoE needs unselected experts, but top_k={self.top_k} selects all "
+                  f"{self.num_experts}; lower top_k or set hyper_dim=0")
         self._validate_cost()
 
     def _validate_cost(self) -> None:

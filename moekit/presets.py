@@ -238,3 +238,14 @@ def _mini_moe() -> ModelConfig:
     return ModelConfig(vocab_size=8192, dim=128, n_layers=2, n_heads=4, ffn_dim=512, max_seq_len=256,
                        tie_embeddings=True, moe=MoEConfig(num_experts=8, top_k=2, expert_dim=256, aux_loss_coef=0.01),
                        source="moekit experiments model")
+
+
+@register("mini-moe-hyper")
+def _mini_moe_hyper() -> ModelConfig:
+    """mini-moe plus HyperMoE (arXiv 2402.12656): a shared hypernetwork generates a 16-wide HyperExpert
+    adapter per token from its unselected experts (experiment h of `moekit.train.experiments`)."""
+    cfg = _mini_moe()
+    cfg.moe.hyper_dim = 16
+    cfg.moe.validate()
+    cfg.source = "moekit experiments model + HyperMoE"
+    return cfg

@@ -48,6 +48,8 @@ def gguf_arch(cfg: ModelConfig) -> str:
             raise no("mixes dense and MoE layers")
         if m.num_shared_experts:
             raise no("has shared experts")
+        if m.hyper_dim:
+            raise no("has a HyperMoE hypernetwork (moe.hyper_dim > 0)", "keep it in moekit's native format")
         if m.expert_act != "swiglu" or m.weight_on_input or m.routed_scaling_factor != 1.0 or m.n_group > 1:
             raise no("uses a non-Mixtral expert or routing variant")
         if m.router == "softmax_topk" and not m.norm_topk_prob:

@@ -43,6 +43,9 @@ def choose_architecture(cfg: ModelConfig, name: str | None = None) -> tuple[HFAr
     """(architecture, HF config dict) for exporting `cfg`; raises ConfigError when none fits."""
     from moekit.checkpoint.hf_family import EXPORT_ORDER
 
+    if cfg.moe is not None and cfg.moe.hyper_dim:
+        raise ConfigError("no Hugging Face architecture has HyperMoE's hypernetwork (moe.hyper_dim > 0); keep the "
+                          "model in moekit's native format (`moekit convert --to moekit`)")
     regs = architectures()
     if name is not None:
         if name not in regs or regs[name].export_config_fn is None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moekit.config import GATED_ACTS, ModelConfig, MoEConfig
+from moekit.moe import hypermoe
 
-COMPONENTS = ("embedding", "attention", "norms", "router", "routed_experts", "shared_experts", "dense_ffn", "lm_head")
+COMPONENTS = ("embedding", "attention", "norms", "router", "routed_experts", "shared_experts", "hypernetwork",
+              "dense_ffn", "lm_head")
 
 
 @dataclass
@@ -120,6 +122,9 @@ def count_params(cfg: ModelConfig) -> ParamCount:
         if m.num_shared_experts:
             shared = ffn_params(cfg.dim, m.shared_expert_dim, m.expert_act) + (cfg.dim if m.shared_expert_gate else 0)
             total["shared_experts"] = n_moe * shared
+        # HyperMoE's generator is shared by the layers: counted once. Every token's adapter comes
+        # from all of it, so it is all active.
+        total["hypernetwork"] = hypermoe.generator_params(cfg.dim, n_moe, m)
     active.update(total)
     if m is not None and n_moe:
         # The noise projection only runs in training; the router proper is always active.
@@ -149,7 +154,8 @@ def dense_equivalent(cfg: ModelConfig) -> ModelConfig:
         active_ffn += ffn_params(cfg.dim, m.shared_expert_dim, m.expert_act) + (cfg.dim if m.shared_expert_gate else 0)
     n_moe = len(cfg.moe_layers)
     n_dense = cfg.n_layers - n_moe
-    total_ffn = n_moe * active_ffn + n_dense * 3 * cfg.dim * cfg.ffn_dim
+    # HyperMoE's shared generator is active for every token: its parameters count too.
+    total_ffn = n_moe * active_ffn + n_dense * 3 * cfg.dim * cfg.ffn_dim + hypermoe.generator_params(cfg.dim, n_moe, m)
     width = round(total_ffn / (cfg.n_layers * 3 * cfg.dim))
     return cfg.replace(name=f"{cfg.name}-dense", moe=None, ffn_dim=max(1, width), first_k_dense=0, dense_layers=[],
                        moe_every=1)

@@ -17,6 +17,7 @@ from moekit.model.loss import cross_entropy
 from moekit.model.attention import Attention, KVCache, RMSNorm, decode_linear
 from moekit.model.rope import RotaryEmbedding
 from moekit.moe.experts import DenseFFN, GroupedExperts
+from moekit.moe.hypermoe import build_hypernet
 from moekit.moe.layer import MoELayer, Routing
 from moekit.moe.router import Router
 
@@ -70,6 +71,11 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.hd
         self.rope = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
+        # HyperMoE: one hypernetwork for all MoE layers; each layer gets a reference and its slot.
+        self.hypernet = build_hypernet(cfg)
+        if self.hypernet is not None:
+            for slot, layer in enumerate(self.moe_layers()):
+                layer.hyper = (self.hypernet, slot)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ setup
@@ -102,6 +108,8 @@ class Transformer(nn.Module):
                 for p in (mod.bias, mod.noise_weight):
                     if p is not None:
                         nn.init.zeros_(p)
+        if self.hypernet is not None:
+            self.hypernet.reset_parameters()  # its own init (zero up generator: starts as the base MoE)
 
     @property
     def device(self) -> torch.device:

@@ -64,6 +64,9 @@ class MoELayer(nn.Module):
         self.loss_stats = True
         """Compute balance/z losses and entropy per forward; generation turns this off (they cost
         ~0.2 ms per layer per decode step) and gets zeros in `Routing` instead."""
+        self.hyper: tuple | None = None
+        """HyperMoE: (the model's shared `HyperNetwork`, this layer's slot), set by the model. A plain
+        reference, not a submodule, so the shared weights are stored and counted once."""
 
     def forward(self, x_BSD: torch.Tensor, return_ids: bool = False) -> tuple[torch.Tensor, Routing]:
         # Plan:
@@ -81,6 +84,9 @@ class MoELayer(nn.Module):
             if self.shared_gate is not None:
                 s_TD = torch.sigmoid(self.shared_gate(x_TD)) * s_TD
             out_TD = out_TD + s_TD
+        if self.hyper is not None:  # the HyperExpert generated from the unselected experts
+            hypernet, slot = self.hyper
+            out_TD = out_TD + hypernet(x_TD, r.topk_ids_TK, slot)
         routing = self._routing(r, shape[0] if len(shape) == 3 else 1, dropped, return_ids)
         return out_TD.view(shape), routing
 

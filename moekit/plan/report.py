@@ -123,10 +123,13 @@ def print_plan(plan: dict) -> None:
                   f"{fmt_count(pub['ours_active'])} {ok(pub['active_ok'])}  [{pub['source']}]")
     f = plan["flops_per_token"]
     t = Table(title=f"forward FLOPs per token at context {f['context']:,}")
-    for col in ("model", "matmul", "attention", "total"):
+    cols = ("matmul", "attention", "hypernetwork", "total") if f["moe"].get("hypernetwork") else (
+        "matmul", "attention", "total")
+    for col in ("model", *cols):
         t.add_column(col, justify="right")
     for k, label in (("moe", plan["model"]), ("dense_equal_active", "dense, equal active")):
-        t.add_row(label, *(f"{f[k][x] / 1e9:,.2f} G" for x in ("matmul", "attention", "total")))
+        t.add_row(label, *(f"{f[k].get(x, 0) / 1e9:,.4f} G" if "hypernetwork" in cols else
+                           f"{f[k][x] / 1e9:,.2f} G" for x in cols))
     con.print(t)
     t = Table(title="memory (GiB)")
     for col in ("weights", *WEIGHT_DTYPES):

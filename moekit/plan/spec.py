@@ -17,6 +17,7 @@ from typing import Callable
 
 from moekit.config import ModelConfig
 from moekit.errors import MoekitError
+from moekit.moe import hypermoe
 from moekit.model.params import ParamCount, attention_params, count_params, dense_equivalent, weight_bytes
 
 WEIGHT_DTYPES = ("bf16", "fp8", "int8", "int4")
@@ -186,7 +187,13 @@ def matmul_params(cfg: ModelConfig) -> int:
             n -= cfg.n_layers * (q_out + 2 * kv_out)
     if cfg.moe is not None and cfg.moe.router_bias:
         n -= len(cfg.moe_layers) * cfg.moe.num_experts
-    return n
+    # HyperMoE's generator is not one matmul per token (see `hypermoe_flops`): counted on its own.
+    return n - pc.active.get("hypernetwork", 0)
+
+
+def hypermoe_flops(cfg: ModelConfig) -> int:
+    """HyperMoE's forward FLOPs per token (generator at one expert set per token, plus the adapter)."""
+    return hypermoe.flops_per_token(cfg.dim, len(cfg.moe_layers), cfg.moe) if cfg.moe is not None else 0
 
 
 def attention_flops(cfg: ModelConfig, context: int) -> int:
@@ -207,10 +214,12 @@ def attention_flops(cfg: ModelConfig, context: int) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, context: int) -> dict[str, int]:
-    """Forward FLOPs for one token at position `context` (2 per multiply-add)."""
+    """Forward FLOPs for one token at position `context` (2 per multiply-add); "hypernetwork" is
+    HyperMoE's generator and adapter (0 without it), an upper bound when tokens share expert sets."""
     mm = 2 * matmul_params(cfg)
     att = attention_flops(cfg, context)
-    return {"matmul": mm, "attention": att, "total": mm + att}
+    hyper = hypermoe_flops(cfg)
+    return {"matmul": mm, "attention": att, "hypernetwork": hyper, "total": mm + att + hyper}
 
 
 def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str = "bf16") -> dict[str, int | None]:

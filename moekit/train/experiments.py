@@ -10,6 +10,9 @@ Experiments (every run: same data order, seed, schedule and token budget):
   r  recipe screen for the main job: dense vs the preset vs DeepSeekMoE-style fine-grained experts +
      a shared expert (16 of width F/2, top-3) at equal active width (the `small-moe-fg` preset);
   r2 more recipes: aux-loss-free bias balancing, 32 experts of width F/4 top-6 + shared, fine16 + bias.
+  h  HyperMoE (a generated HyperExpert adapter, bottleneck 16) vs the same MoE without it (equal active experts),
+     and vs a static always-on expert of the same width (is it the unselected experts, or just a bit more compute?).
+`--seeds 0 1 2` runs every experiment once per seed in RUNS_DIR/seed<N>/ and reports mean +- std per run.
 Runs that already finished in RUNS_DIR are reused, so an interrupted sweep continues where it stopped.
 Writes RUNS_DIR/<exp>.md and RUNS_DIR/<exp>.json.
 """
@@ -50,9 +53,13 @@ RUNS: dict[str, tuple[bool, dict[str, Any]]] = {
     "fine16-bias": (False, {"aux_loss_coef": 0.0, "score_correction_bias": True, "bias_update_rate": 1e-3,
                             "num_experts": 16, "expert_dim": 256, "top_k": 3, "num_shared_experts": 1,
                             "shared_expert_dim": 256}),
+    "hyper": (False, {"aux_loss_coef": 0.01, "hyper_dim": 16}),
+    # Control for "hyper": an always-on adapter of the same width that ignores the unselected experts.
+    "shared-16": (False, {"aux_loss_coef": 0.01, "num_shared_experts": 1, "shared_expert_dim": 16}),
 }
 EXPERIMENTS = {"a": ["aux-0.01", "dense"], "b": ["none", "aux-0.01", "bias", "bias-0.01"],
                "c": ["aux-0.001", "aux-0.01", "aux-0.1", "aux-1.0"], "d": ["top1", "aux-0.01", "top4"],
+               "h": ["aux-0.01", "hyper", "shared-16"],
                "r": ["dense", "aux-0.01", "fine16"],
                "r2": ["bias", "fine32", "fine16-bias"]}
 
@@ -114,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup-steps", type=int, default=20)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="run each experiment once per seed (RUNS_DIR/seed<N>/) and report mean +- std")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -125,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                      warmup_steps=a.warmup_steps, precision=a.precision, threads=a.threads, log_every=10, seed=a.seed)
     root = Path(a.runs_dir)
     exps = list(EXPERIMENTS) if "all" in a.experiments else a.experiments
+    if a.seeds:
+        return run_seeds(exps, a, data, tc, root)
     cache: dict[str, dict[str, Any]] = {}
     for e in exps:
         rows = []
@@ -139,6 +150,43 @@ def main(argv: list[str] | None = None) -> int:
               f"{a.eval_tokens} tokens)\n\n{table(rows)}\n")
         atomic_write_text(root / f"{e}.md", md)
         atomic_write_text(root / f"{e}.json", json.dumps(rows, indent=1))
+        print(md, flush=True)
+    return 0
+
+
+def run_seeds(exps: list[str], a, data, tc: TrainConfig, root: Path) -> int:
+    """Each experiment once per seed (init, data order and router noise all follow the seed), then
+    mean +- sample std per run name over the seeds: RUNS_DIR/<exp>-seeds.md and .json."""
+    import statistics
+
+    cmd = (f"python -m moekit.train.experiments {' '.join(exps)} --seeds {' '.join(map(str, a.seeds))} --preset "
+           f"{a.preset} --max-tokens {a.max_tokens} --batch-size {a.batch_size} --seq-len {a.seq_len} --lr {a.lr}"
+           f"{f' --threads {a.threads}' if a.threads else ''} --data-dir {a.data_dir}")
+    for e in exps:
+        per: dict[str, list[dict[str, Any]]] = {n: [] for n in EXPERIMENTS[e]}
+        for seed in a.seeds:
+            for name in EXPERIMENTS[e]:
+                tc_seed = dataclasses.replace(tc, seed=seed)
+                per[name].append(run_one(name, a.preset, data, root / f"seed{seed}", tc_seed))
+        ms = lambda xs: (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)  # noqa: E731
+        summary = []
+        lines = ["| run | total params | active params | seeds | val bpb (mean ± std) "
+                 "| Δ bpb vs first run, paired by seed (mean ± std) | tok/s (mean ± std) |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
+        first = per[EXPERIMENTS[e][0]]
+        for name, rows in per.items():
+            bpb, tok = ms([r["val_bpb"] for r in rows]), ms([r["tok_s"] for r in rows])
+            diff = ms([r["val_bpb"] - f["val_bpb"] for r, f in zip(rows, first)])
+            summary.append({"run": name, "seeds": a.seeds, "val_bpb": [r["val_bpb"] for r in rows],
+                            "val_bpb_mean": bpb[0], "val_bpb_std": bpb[1], "paired_diff_mean": diff[0],
+                            "paired_diff_std": diff[1], "tok_s_mean": tok[0], "tok_s_std": tok[1],
+                            "total_params": rows[0]["total_params"], "active_params": rows[0]["active_params"]})
+            lines.append(f"| {name} | {rows[0]['total_params'] / 1e6:.3f}M | {rows[0]['active_params'] / 1e6:.3f}M | "
+                         f"{len(rows)} | {bpb[0]:.4f} ± {bpb[1]:.4f} | {diff[0]:+.4f} ± {diff[1]:.4f} | "
+                         f"{tok[0]:,.0f} ± {tok[1]:,.0f} |")
+        md = f"## Experiment {e}, {len(a.seeds)} seeds\n\n`{cmd}`\n\n" + "\n".join(lines) + "\n"
+        atomic_write_text(root / f"{e}-seeds.md", md)
+        atomic_write_text(root / f"{e}-seeds.json", json.dumps(summary, indent=1))
         print(md, flush=True)
     return 0
 

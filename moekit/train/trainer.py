@@ -329,7 +329,7 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
               balance: Literal["config", "none", "aux", "bias"] = "config", top_k: int | None = None,
               progress: bool = True, ep: int = 1, eplb_interval: int = 0, eplb_window: int = 0,
               eplb_redundant: int = 0, cost_loss_coef: float | None = None, cost_lambda: float | None = None,
-              expert_dims: list[int] | None = None) -> int:
+              expert_dims: list[int] | None = None, hyper_dim: int | None = None) -> int:
     """Train a model on prepared text, with bits-per-byte evals, routing telemetry and exact --resume.
 
     The model comes from --preset, --config (moekit or HF config.json) or --init-from (a moekit model
@@ -375,6 +375,8 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
             docs/routing.md; the cost is real FLOPs unless the config says otherwise).
         cost_lambda: train with cost-aware selection: score - lambda * normalised cost.
         expert_dims: heterogeneous experts: one hidden width per expert (expert_dim becomes their max).
+        hyper_dim: HyperMoE: add a HyperExpert adapter of this bottleneck width, generated per token from its
+            unselected experts by a hypernetwork shared across layers (0 = off; `moekit.moe.hypermoe`).
     """
     from moekit.config import ConfigError
 
@@ -386,7 +388,8 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
     model, data = rank0_first(lambda: build_for_training(
         preset=preset, config=config, init_from=init_from, data_dir=data_dir, corpus=corpus, vocab_size=vocab_size,
         seed=seed, aux_loss_coef=aux_loss_coef, balance=balance, top_k=top_k, resume_dir=out if resume else None,
-        routing_cost=dict(cost_loss_coef=cost_loss_coef, cost_lambda=cost_lambda, expert_dims=expert_dims)))
+        routing_cost=dict(cost_loss_coef=cost_loss_coef, cost_lambda=cost_lambda, expert_dims=expert_dims),
+        hyper_dim=hyper_dim))
     if max_minutes is None and max_tokens is None and max_steps is None:
         max_tokens = 2_000_000
     tc = TrainConfig(batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
@@ -410,7 +413,7 @@ def train_cli(preset: str | None = None, config: str | None = None, init_from: s
 
 def build_for_training(*, preset=None, config=None, init_from=None, data_dir="data", corpus="en-prose",
                        vocab_size=8192, seed=0, aux_loss_coef=None, balance="config", top_k=None, resume_dir=None,
-                       progress=True, routing_cost: dict | None = None):
+                       progress=True, routing_cost: dict | None = None, hyper_dim=None):
     """Resolve the model (preset / config / init-from / a resumed run's config) and prepare the data."""
     from moekit import build_model, get_preset, resolve_config
     from moekit.checkpoint.native import load_native
@@ -431,12 +434,15 @@ def build_for_training(*, preset=None, config=None, init_from=None, data_dir="da
         return build_model(cfg, seed=seed), data
     if init_from is not None:
         model = load_native(init_from).train()
-        if any(x is not None for x in (aux_loss_coef, top_k, *(routing_cost or {}).values())) or balance != "config":
+        edits = (aux_loss_coef, top_k, hyper_dim, *(routing_cost or {}).values())
+        if any(x is not None for x in edits) or balance != "config":
             raise TrainError("--init-from keeps the model's own config; edit its config.json to change routing")
         return model, data
     cfg = resolve_config(config) if config is not None else get_preset(preset or "small-moe")
     if cfg.vocab_size != data.vocab_size:
         cfg = cfg.replace(vocab_size=data.vocab_size)  # the vocabulary is the data's, whatever the preset says
+    if hyper_dim and cfg.moe is None:
+        raise TrainError(f"--hyper-dim adds a HyperExpert to MoE layers, and {cfg.name} is dense; choose an MoE model")
     if cfg.moe is not None:
         m = cfg.moe
         upd: dict[str, Any] = {}
@@ -454,6 +460,8 @@ def build_for_training(*, preset=None, config=None, init_from=None, data_dir="da
         upd.update({k: v for k, v in (routing_cost or {}).items() if v is not None})
         if upd.get("expert_dims"):
             upd["expert_dim"] = max(upd["expert_dims"])
+        if hyper_dim is not None:
+            upd["hyper_dim"] = hyper_dim
         if upd:
             cfg = cfg.replace(moe=dataclasses.replace(m, **upd))
     return build_model(cfg, seed=seed), data
