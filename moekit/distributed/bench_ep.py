@@ -21,6 +21,7 @@ Both engines run in the same processes, so their peak RSS is not separable (repo
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -65,8 +66,12 @@ def ep_markdown(data: dict) -> str:
     from moekit.bench import report
 
     ep = data["ep"]["degree"]
+    forced = data["ep"].get("expert_backend_forced")
     lines = [report.markdown(data).rstrip("\n"), "", f"## Expert parallel (EP={ep}, torchrun, {data['ep']['backend']})", "",
-             data["ep"]["note"], "",
+             data["ep"]["note"] + (f" Expert backend forced for both engines: MOEKIT_EXPERT_BACKEND={forced}."
+                                   if forced else " The EP engine runs the generic `torch` expert backend (the fused "
+                                   "CPU kernels need every expert local); the one-process engine chooses as usual."),
+             "",
              "| batch | prompt | decode tok/s EP / 1 process | prefill tok/s EP / 1 process | all-to-all ms/step "
              "| all-to-all share of decode (per rank) | all_gather + broadcast share | all-to-all share of prefill "
              "| all-to-all bytes/step (rank 0) |",
@@ -182,6 +187,9 @@ def _write(out: Path, model: str, command: str, engines: list[str], name: str, r
                   "a2a_bytes_per_step"):
             if k in r:
                 r[k] = statistics.median(x[k] for x in rs)
+        for k in ("a2a_share_decode_per_rank", "a2a_share_prefill_per_rank"):
+            if k in r:
+                r[k] = [statistics.median(x[k][i] for x in rs) for i in range(len(r[k]))]
     res.sort(key=lambda r: (engines.index(r["engine"]), r["prompt"], r["batch"]))
     machine = Machine(**{**machines[0].to_dict(), "read_gbs": statistics.median(m.read_gbs for m in machines),
                          "matmul_gflops": None if any(m.matmul_gflops is None for m in machines)
@@ -193,6 +201,7 @@ def _write(out: Path, model: str, command: str, engines: list[str], name: str, r
             "results": res, "machine": machine.to_dict(), "machine_rounds": [m.to_dict() for m in machines],
             "rounds": rounds,
             "ep": {"degree": ep, "engine": name, "backend": dist.get_backend(), "peak_rss_bytes_per_rank": rss,
+                   "expert_backend_forced": os.environ.get("MOEKIT_EXPERT_BACKEND") or None,
                    "note": (f"{ep} processes, each with the whole model but 1/{ep} of the experts, run the same "
                             "batch; each MoE layer dispatches each rank's share of the tokens with "
                             "all_to_all_single and all-gathers the outputs (moekit/distributed/infer.py). "
