@@ -148,12 +148,14 @@ class EPEngine(Engine):
         return tok_B
 
 
-def setup_inference(ep: int, command: str) -> tuple[int, int]:
+def setup_inference(ep: int, command: str, device: str = "cpu") -> tuple[int, int]:
     """Join torchrun's process group for `moekit COMMAND --ep N`; (rank, world). Raises a
-    DistributedError naming the fix when the launch does not match --ep."""
+    DistributedError naming the fix when the launch does not match --ep. The backend follows the
+    model's device: gloo for a CPU model (`generate`/`bench` run on the CPU) even where CUDA is
+    present, NCCL for a CUDA one."""
     if ep < 1:
         raise DistributedError(f"--ep must be >= 1 (got {ep})")
-    rank, world = init_from_env()
+    rank, world = init_from_env("gloo" if device == "cpu" else "nccl")
     if world == 1 and ep != 1:
         raise DistributedError(f"--ep {ep} needs {ep} processes: launch with torchrun --nproc-per-node {ep} "
                                f"-m moekit {command} ... --ep {ep}")
