@@ -112,6 +112,7 @@ def bench_ep(model: str, ep: int, batch_sizes: list[int], prompt_lens: list[int]
         torch.set_num_threads(threads)
         lead = rank == 0
         # 1. weights (same seed on every rank), the one-process copy on rank 0 only.
+        t0 = time.perf_counter()
         m = load_for_inference(model, dtype, seed, storage_only=True)
         cfg = m.config
         if cfg.moe is None:
@@ -119,7 +120,6 @@ def bench_ep(model: str, ep: int, batch_sizes: list[int], prompt_lens: list[int]
         if max(prompt_lens) + new_tokens + 1 > cfg.max_seq_len:
             raise MoekitError(f"prompt {max(prompt_lens)} + {new_tokens} new tokens exceeds the model's context "
                               f"limit {cfg.max_seq_len}; lower --prompt-lens or --new-tokens")
-        t0 = time.perf_counter()
         m_ep, full = shard_for_inference(m, ep, keep_full=lead and "moekit" in engines)
         eng = {name: EPEngine(m_ep, max_batch_size=max(batch_sizes), precision=precision)}
         if full is not None:
