@@ -1,6 +1,7 @@
 """Expert-parallel inference: `moekit generate/bench --ep N` under torchrun.
 
-Shape legend: T tokens of the (replicated) batch, Tr = this rank's share of them, D model dim,
+Shape legend: T tokens of the (replicated) batch, Tr = this rank's share of them, R = the largest
+share (all_gather padding), D model dim,
 K experts per token, B batch rows, P = ep ranks.
 
 Layout ("replicated batch, sharded experts"): every rank holds the whole model except the experts
