@@ -145,6 +145,23 @@ def _rejudge(model: str, path: Path, out: Path) -> int:
     return 0
 
 
+def _bench_ep(model, batch_sizes, prompt_lens, new_tokens, engines, dtype, threads, out, quick, seed, rounds,
+              precision, ep, max_prefill_tokens, *routing) -> int:
+    """`moekit bench --ep N` (moekit.distributed.bench_ep)."""
+    from moekit.distributed.bench_ep import bench_ep
+
+    if any(v is not None for v in routing) or max_prefill_tokens:
+        raise MoekitError("--ep does not take the cost-routing options or --max-prefill-tokens; drop them")
+    if min(batch_sizes) < 1 or min(prompt_lens) < 1 or new_tokens < 2 or rounds < 1:
+        raise MoekitError("--batch-sizes and --prompt-lens must be >= 1, --new-tokens >= 2 and --rounds >= 1")
+    command = (f"torchrun --nproc-per-node {ep} -m moekit bench {shlex.quote(model)} --ep {ep} --batch-sizes "
+               f"{' '.join(map(str, batch_sizes))} --prompt-lens {' '.join(map(str, prompt_lens))} --new-tokens "
+               f"{new_tokens} --dtype {dtype} --precision {precision} --threads {threads} --seed {seed}"
+               + (f" --engines {' '.join(engines)}" if engines else "") + (f" --rounds {rounds}" if rounds > 1 else ""))
+    return bench_ep(model, ep, batch_sizes, prompt_lens, new_tokens, engines, dtype, threads, Path(out), quick, seed,
+                    rounds, precision, command)
+
+
 def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: list[int] | None = None,
               new_tokens: int = 32, engines: list[str] | None = None,
               dtype: Literal["bfloat16", "float32"] = "bfloat16", threads: int = 2, out: Path = Path("bench_results"),
@@ -152,7 +169,7 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
               rounds: int = 1, rejudge: Path | None = None,
               precision: Literal["auto", "bf16", "fp32"] = "auto", cost_lambda: float | None = None,
               cost_budget: float | None = None, dynamic_k: float | None = None, cost_source: str | None = None,
-              route_top_k: int | None = None) -> int:
+              route_top_k: int | None = None, ep: int = 1) -> int:
     """Benchmark generation speed against the dense equivalent, transformers and llama.cpp.
 
     Prefill tokens/s, time to first token, decode tokens/s, per-token latency p50/p99 (the maximum
@@ -190,6 +207,9 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
         dynamic_k: moekit engines: dynamic-k top-p threshold.
         cost_source: expert costs for the options above: flops (default) or comma-separated numbers.
         route_top_k: moekit engines run up to this many experts per token instead of the model's top_k.
+        ep: expert-parallel engine over this many processes (`torchrun --nproc-per-node N -m moekit bench
+            MODEL --ep N`): tokens/s and the all-to-all share of each step, next to one process on rank 0
+            (engines: moekit-epN and moekit).
     """
     from moekit.bench import report
     from moekit.bench.roofline import Machine, measure_machine
@@ -202,6 +222,11 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
     prompt_lens = prompt_lens or ([16] if quick else [128, 512])
     if quick:
         new_tokens = min(new_tokens, 8)
+    import os
+
+    if ep != 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _bench_ep(model, batch_sizes, prompt_lens, new_tokens, engines, dtype, threads, out, quick, seed,
+                         rounds, precision, ep, max_prefill_tokens, route_top_k, cost_lambda, cost_budget, dynamic_k)
     engines = engines or list(DEFAULT_ENGINES)
     bad = [e for e in engines if e not in ENGINES]
     if bad:

@@ -97,7 +97,7 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
                  expert_memory_budget: str | None = None, cache_policy: Literal["lru", "lfu"] = "lru",
                  prefetch: bool = True, cost_lambda: float | None = None, cost_budget: float | None = None,
                  dynamic_k: float | None = None, cost_source: str | None = None,
-                 route_top_k: int | None = None) -> int:
+                 route_top_k: int | None = None, ep: int = 1) -> int:
     """Generate text (or token ids) from a model directory, .gguf file or preset.
 
     One --prompt streams its continuation to the terminal as it is produced; --prompts-file runs a
@@ -135,6 +135,9 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
         cost_source: expert costs: flops (default), offload_misses (with --expert-memory-budget: 1 for
             experts not in the cache), or one number per expert separated by commas.
         route_top_k: run up to this many experts per token instead of the model's top_k.
+        ep: expert parallelism over this many processes: launch with `torchrun --nproc-per-node N -m
+            moekit generate ... --ep N`; each rank keeps 1/N of the experts, rank 0 prints
+            (docs/distributed.md).
     """
     from moekit.checkpoint.native import atomic_write_text
     from moekit.inference.engine import Engine
@@ -151,6 +154,11 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed, stop_token_ids=list(stop or []))
     params.validate()
+    ep_run = _ep_setup(ep, expert_memory_budget=expert_memory_budget, pack_experts=pack_experts,
+                       skip_beta=skip_beta, skip_alpha=skip_alpha, cost_lambda=cost_lambda,
+                       cost_budget=cost_budget, dynamic_k=dynamic_k, route_top_k=route_top_k)
+    if ep_run is not None:
+        return _generate_ep(ep_run, model, prompt, prompts_file, output, batch_size, params, dtype, seed)
     if expert_memory_budget is not None:
         from moekit.memory.offload import load_offloaded
         from moekit.precision import apply_inference_policy
@@ -211,6 +219,86 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
         print(f"wrote {len(results)} results to {output} ({s.generated_tokens} tokens, "
               f"{s.generated_tokens / max(s.prefill_s + s.decode_s, 1e-9):.1f} tok/s)", file=sys.stderr)
     _memory_report(m, engine.stats.generated_tokens, meter)
+    return 0
+
+
+def _ep_setup(ep: int, **excluded) -> tuple[int, int, bool] | None:
+    """None for a one-process run; (rank, world, joined here) under torchrun with --ep N."""
+    import os
+
+    if ep == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    on = [k for k, v in excluded.items() if v not in (None, False, 0, 0.0)]
+    if on:
+        raise MoekitError(f"--{on[0].replace('_', '-')} does not work with --ep yet (it needs every expert in "
+                          "the process); drop one of them")
+    import torch.distributed as dist
+
+    from moekit.distributed.infer import setup_inference
+
+    joined = not dist.is_initialized()
+    rank, world = setup_inference(ep, "generate")
+    return rank, world, joined
+
+
+def _generate_ep(ep_run, model, prompt, prompts_file, output, batch_size, params, dtype, seed) -> int:
+    """`generate --ep N` on every rank: same prompts and seed everywhere, rank 0 alone prints."""
+    import torch.distributed as dist
+
+    from moekit.checkpoint.native import atomic_write_text
+    from moekit.distributed.infer import EPEngine, shard_for_inference
+
+    rank, world, joined = ep_run
+    try:
+        m = load_for_inference(model, dtype, seed)
+        tok = load_tokenizer(model) or getattr(m, "tokenizer", None)
+        prompts = [encode(prompt, tok)] if prompt is not None else _read_prompts(Path(prompts_file), tok)
+        m, _ = shard_for_inference(m, world)
+        engine = EPEngine(m, max_batch_size=batch_size, precision=dtype)
+        lead = rank == 0
+        streamed: list[int] = []
+        printed = [""]
+
+        def on_token(row: int, t: int) -> None:
+            if not lead or prompt is None:
+                return
+            streamed.append(t)
+            if tok is None:
+                sys.stdout.write(f"{t} ")
+            else:
+                text = tok.decode(streamed)
+                sys.stdout.write(text[len(printed[0]):])
+                printed[0] = text
+            sys.stdout.flush()
+
+        results = engine.generate(prompts, params, on_token=on_token)
+        s = engine.stats
+        comm = sum(c["a2a_s"] for c in engine.comm_steps)
+        total = s.prefill_s + s.decode_s
+        if lead and prompt is not None:
+            sys.stdout.write("\n")
+            print(f"[{s.generated_tokens} tokens; prefill {s.prefill_s * 1e3:.0f} ms, decode "
+                  f"{s.generated_tokens / max(s.decode_s, 1e-9):.1f} tok/s; EP={world}, all-to-all "
+                  f"{100 * comm / max(total, 1e-9):.0f}% of the time on rank 0]", file=sys.stderr)
+        elif lead:
+            lines = []
+            for g in results:
+                row = {"prompt_ids": g.prompt, "token_ids": g.tokens, "finish_reason": g.finish_reason}
+                if tok is not None:
+                    row["text"] = tok.decode(g.tokens)
+                lines.append(json.dumps(row))
+            text = "\n".join(lines) + "\n"
+            if output is None:
+                sys.stdout.write(text)
+            else:
+                atomic_write_text(Path(output), text)
+                print(f"wrote {len(results)} results to {output} ({s.generated_tokens} tokens, "
+                      f"{s.generated_tokens / max(total, 1e-9):.1f} tok/s; EP={world}, all-to-all "
+                      f"{100 * comm / max(total, 1e-9):.0f}% of the time on rank 0)", file=sys.stderr)
+        dist.barrier()
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -147,6 +147,12 @@ class Engine:
         cache.advance(1)
         return out.logits[:, -1]
 
+    def sync_tokens(self, tok_B: torch.Tensor) -> torch.Tensor:
+        """The tokens every row continues with, after sampling; the identity here. A hook for engines
+        whose processes must agree on every token (expert parallel: `moekit.distributed.infer`
+        broadcasts rank 0's)."""
+        return tok_B
+
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, gen: torch.Generator | None,
                         on_token: TokenCallback | None, time_steps: bool) -> list[Generation]:
         # Plan:
@@ -184,7 +190,7 @@ class Engine:
             ts = time.perf_counter()
             if step > 0:
                 logits_BV = self.decode_step(cache, out_BN[:, step - 1])
-            tok_B = sample(logits_BV, params, gen, seen_BV)
+            tok_B = self.sync_tokens(sample(logits_BV, params, gen, seen_BV))
             out_BN[:, step] = tok_B
             if time_steps and step > 0:
                 _sync(dev)
