@@ -119,7 +119,7 @@ def rank_major_to_expert_major(counts_PE: torch.Tensor) -> torch.Tensor:
     starts_em = starts_PE.t().reshape(-1)
     n = int(lens_em.sum())
     seg_base = torch.repeat_interleave(starts_em - _exclusive_cumsum(lens_em), lens_em, output_size=n)
-    return seg_base + torch.arange(n, dtype=torch.int64)
+    return seg_base + torch.arange(n, dtype=torch.int64, device=counts_PE.device)
 
 
 class EPDispatcher:
@@ -161,7 +161,7 @@ class EPDispatcher:
         P, El, E = self.ep_size, self.local_experts, self.num_experts
         flat_ids_A = topk_ids_TK.reshape(-1)
         if self.log2phy is not None:  # logical expert -> the physical slot of its chosen replica
-            rep_A = torch.arange(flat_ids_A.numel()) % self.logcnt[flat_ids_A]
+            rep_A = torch.arange(flat_ids_A.numel(), device=flat_ids_A.device) % self.logcnt[flat_ids_A]
             flat_ids_A = self.log2phy[flat_ids_A, rep_A]
         # 1. sort by expert (stable: position order inside each expert).
         order_A = torch.argsort(flat_ids_A, stable=True)
@@ -181,15 +181,15 @@ class EPDispatcher:
         # 4. rank-major -> expert-major.
         perm_N = rank_major_to_expert_major(recv_PE)
         inv_N = torch.empty_like(perm_N)
-        inv_N[perm_N] = torch.arange(perm_N.numel())
+        inv_N[perm_N] = torch.arange(perm_N.numel(), device=perm_N.device)
         x_SD = permute_rows(x_ND, perm_N, inv_N)
         counts_local = recv_PE.sum(0)
-        dropped = torch.zeros((), dtype=torch.int64)
+        dropped = torch.zeros((), dtype=torch.int64, device=x_TD.device)
         keep_N = None
         # 5. capacity: the owner keeps the first C rows of each expert in priority order.
         if self.cfg.capacity_factor is not None:
             keep_N, counts_local = self._keep(T, weights_A, out_splits, in_splits, perm_N, counts_local)
-            dropped = torch.tensor(int(perm_N.numel() - keep_N.numel()))
+            dropped = torch.tensor(int(perm_N.numel() - keep_N.numel()), device=x_TD.device)
             x_SD = x_SD.index_select(0, keep_N)
         elem = x_AD.element_size() * x_AD.shape[-1]
         me = self.ep_rank
@@ -203,7 +203,7 @@ class EPDispatcher:
         """Expert-major indices of the rows each local expert keeps under the capacity factor."""
         cfg = self.cfg
         # Capacity of the global batch: every rank of the group holds T tokens.
-        t_all = torch.tensor([T], dtype=torch.int64)
+        t_all = torch.tensor([T], dtype=torch.int64, device=weights_A.device)
         dist.all_reduce(t_all, group=self.group)
         C = capacity(int(t_all), cfg)
         counts = counts_local.tolist()
@@ -211,7 +211,7 @@ class EPDispatcher:
             w_N = all_to_all(weights_A.detach(), out_splits, in_splits, self.group)[perm_N]
         keep, start = [], 0
         for n in counts:
-            idx = torch.arange(start, start + n)
+            idx = torch.arange(start, start + n, device=perm_N.device)
             if n > C:
                 if cfg.drop_policy == "score":
                     # Highest weight first; stable, so ties keep global token order (as one process).
@@ -220,7 +220,7 @@ class EPDispatcher:
                     idx = idx[:C]
             keep.append(idx)
             start += n
-        keep_N = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.int64)
+        keep_N = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.int64, device=perm_N.device)
         return keep_N, counts_local.clamp(max=C)
 
     # ------------------------------------------------------------------- combine
