@@ -131,6 +131,7 @@ def export_quantized_gguf(model, out: str | Path, name: str | None = None) -> Pa
         raise QuantError("GGUF export: shared experts are not part of the Mixtral / Qwen3-MoE layouts")
     out = Path(out)
     path = out if out.suffix == ".gguf" else out / "model.gguf"
+    path.parent.mkdir(parents=True, exist_ok=True)
     mat_dtype = torch.float32 if model.dtype == torch.float32 else torch.bfloat16
     ftype = {"int8": gguf.LlamaFileType.MOSTLY_Q8_0, "int4": gguf.LlamaFileType.MOSTLY_Q4_0,
              "mxfp4": getattr(gguf.LlamaFileType, "MOSTLY_MXFP4_MOE", gguf.LlamaFileType.MOSTLY_Q4_0),
