@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 gguf = pytest.importorskip("gguf")
 
 from moekit import build_model, get_preset, load_model, save_model  # noqa: E402
-from moekit.quant import QuantError, QuantizedExperts, kquants, pack_int4, quantize_model  # noqa: E402
+from moekit.quant import (QuantError, QuantizedExperts, QuantizedLinear, QuantizedTensor, kquants,  # noqa: E402
+                          pack_int4, quantize_model)
 from moekit.checkpoint.gguf import load_gguf  # noqa: E402
 from moekit.quant.gguf_export import export_quantized_gguf  # noqa: E402
 
@@ -134,8 +135,10 @@ def test_q4k_model_runs_and_int4pack_agrees():
 
 
 # ------------------------------------------------------------------------ GGUF in and out
-def _expert_bytes(model) -> dict[str, torch.Tensor]:
-    return {f"{i}.{k}": v for i, layer in enumerate(model.moe_layers()) for k, v in layer.experts.state_dict().items()}
+def _quantized_bytes(model) -> dict[str, torch.Tensor]:
+    """Every quantized buffer (codes, scales) of the model by name."""
+    return {f"{n}.{k}": v for n, m in model.named_modules() if isinstance(m, QuantizedTensor)
+            for k, v in m.state_dict().items()}
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
@@ -164,11 +167,16 @@ def test_gguf_round_trip_keeps_bytes_and_logits(tmp_path, monkeypatch, scheme, q
         assert ex.qw13.scale.dtype == torch.float16
         big = ex.num_experts * ex.dim * ex.hidden
         assert not [t for t in ex.state_dict().values() if t.is_floating_point() and t.numel() >= big]
-    assert back.quant_config.scheme == scheme
-    a, b = _expert_bytes(q), _expert_bytes(back)
+    assert back.quant_config.scheme == scheme and back.quant_config.attention == "int8"
+    assert isinstance(back.layers[0].attn.wqkv, QuantizedLinear)  # Q8_0 attention kept too
+    a, b = _quantized_bytes(q), _quantized_bytes(back)
+    # 2 layers x (qw13, qw2: codes, scale (q4_k: + sub); wqkv, wo: codes, scale)
+    assert len(a) == 2 * (2 * (3 if scheme == "q4_k" else 2) + 2 * 2)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     x = torch.randint(0, 512, (2, 12))
     torch.testing.assert_close(back(x).logits, q(x).logits, rtol=0, atol=0)
+    again = export_quantized_gguf(back, tmp_path / "again.gguf")  # and out again: the same file
+    assert again.read_bytes() == path.read_bytes()
     if scheme == "q4_k" and not qk_norm:  # the loaded model saves as a quantized checkpoint, exactly
         save_model(back, tmp_path / "native")
         again = load_model(tmp_path / "native")

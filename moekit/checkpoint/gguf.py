@@ -168,7 +168,7 @@ def _dequantize(t, path: Path) -> torch.Tensor:
     return torch.from_numpy(arr.reshape(shape))
 
 
-def _quantized_experts(model, tensors: dict, path: Path):
+def _quantized_experts(model, tensors: dict, path: Path, dtype: torch.dtype):
     """Swap QuantizedExperts into the meta model when the file's experts are one exact block type;
     returns their QuantConfig, or None (with a warning when quantized experts must be dequantized)."""
     from moekit.quant import gguf_import as GI
@@ -183,7 +183,7 @@ def _quantized_experts(model, tensors: dict, path: Path):
                           f"GGUF experts quantized when all ffn_*_exps share one of {', '.join(GI.GGML_SCHEMES)}",
                           stacklevel=3)
         return None
-    return GI.swap_in(model, scheme)
+    return GI.swap_in(model, scheme, GI.attention_is_q8_0(tensors, model.config.n_layers), dtype)
 
 
 def gguf_tokenizer(r, meta: dict[str, Any] | None = None):
@@ -232,7 +232,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | 
 
     quantized_experts: routed experts stored as Q8_0, Q4_0, MXFP4 or Q4_K (all of one type) load as
     `QuantizedExperts` holding the file's blocks (int8 / int4 / mxfp4 / q4_k, `model.quant_config`
-    set), never dequantized; False, or any other expert type, dequantizes them to `dtype`."""
+    set), never dequantized, and then Q8_0 attention projections as int8 `QuantizedLinear`s; False,
+    or any other expert type, dequantizes them to `dtype`."""
     # Plan: 1. read metadata -> ModelConfig; 2. check the tensor set against the name map;
     # 3. quantized experts: swap empty QuantizedExperts into the meta model; 4. dequantize each
     # other tensor into a preallocated state dict (un-permuting llama q/k rows), copy expert blocks
@@ -262,9 +263,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | 
         raise CheckpointError(f"{path}: unexpected tensor(s) {extra[:5]}; not a plain Llama GGUF?")
     with torch.device("meta"):
         model = Transformer(cfg)
-    qcfg = _quantized_experts(model, tensors, path) if quantized_experts and cfg.moe is not None else None
-    sd_meta = model.state_dict()
     dt = dtype or torch.float32
+    qcfg = _quantized_experts(model, tensors, path, dt) if quantized_experts and cfg.moe is not None else None
+    sd_meta = model.state_dict()
 
     if qcfg is not None:
         from moekit.quant import gguf_import as GI
@@ -287,6 +288,14 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | 
             try:
                 GI.copy_experts(out, prefix, qcfg.scheme, tensors[gname].data,
                                 None if where is None else (where[1], where[2]), gname)
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+            continue
+        if qcfg is not None and qcfg.attention == "int8" and key.endswith(("attn.wqkv.weight", "attn.wo.weight")):
+            try:
+                GI.copy_linear(out, key[:-len("weight")] + "qweight", tensors[gname].data,
+                               None if where is None else (where[1], where[2]),
+                               None if where is None else where[3], gname)
             except CheckpointError as e:
                 raise CheckpointError(f"{path}: {e}") from None
             continue

@@ -184,7 +184,8 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def from_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """uint8 [..., O, NS, 144] GGML blocks -> (q [..., O, NS*128], scale float16 [..., O, NS, 2], sub [..., O, NS, 12])."""
+    """uint8 [..., O, NS, 144] GGML blocks -> (q [..., O, NS*128], scale float16 [..., O, NS, 2],
+    sub [..., O, NS, 12])."""
     scale = blocks[..., 0:4].contiguous().view(torch.float16)
     sub = blocks[..., 4:16].contiguous()
     q = blocks[..., 16:].flatten(-2).contiguous()

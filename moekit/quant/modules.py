@@ -26,8 +26,9 @@ class QuantizedTensor(nn.Module):
     Buffers (all saved): `q` int8 [..., O, I] (int8) or uint8 [..., O, I/2] (4-bit codes, two per
     byte); `scale` float16 [..., O, I/G] (uint8 E8M0 exponents for mxfp4); `zero` uint8 [..., O, I/G]
     (int4 with zero points only). q4_k (GGML Q4_K, see moekit.quant.kquants): `scale` float16
-    [..., O, I/256, 2] (d, dmin) and `sub` uint8 [..., O, I/256, 12] (packed 6-bit scales and mins). Their dtypes never change under `.to(dtype)`: only the device
-    follows, and `dequantize` produces whatever dtype the caller computes in.
+    [..., O, I/256, 2] (d, dmin) and `sub` uint8 [..., O, I/256, 12] (packed 6-bit scales and mins).
+    Their dtypes never change under `.to(dtype)`: only the device follows, and `dequantize` produces
+    whatever dtype the caller computes in.
     """
 
     def __init__(self, shape: tuple[int, ...], scheme: str, group_size: int, zero_point: bool = False,
