@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from moekit.quant import kquants
 from moekit.quant.config import QuantError
 
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -40,9 +41,7 @@ def check_shape(shape: tuple[int, ...], group_size: int, what: str = "weight", s
     if len(shape) < 2:
         raise QuantError(f"{what}: expected a [..., out, in] matrix, got shape {tuple(shape)}")
     if scheme == "q4_k":
-        from moekit.quant.kquants import check_shape as k_check
-
-        k_check(tuple(shape), what)
+        kquants.check_shape(tuple(shape), what)
     if shape[-1] % group_size:
         ok = [g for g in (32, 64, 128) if shape[-1] % g == 0]
         fix = f"use --group-size {ok[-1]}" if ok else "leave it in float (its input dim is not a multiple of 32)"
