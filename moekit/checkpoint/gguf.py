@@ -1,4 +1,5 @@
-"""GGUF import (llama.cpp's format) for Llama-architecture models, dense or Mixtral-style MoE.
+"""GGUF import (llama.cpp's format) for Llama-architecture models, dense or Mixtral-style MoE, and
+Qwen3-MoE (`qwen3moe`: per-head q/k RMSNorm, NEOX RoPE so no row permutation).
 
 Shape legend: D model dim, F FFN width, E experts, H q heads, G kv heads, Dh head dim, V vocab.
 
@@ -9,7 +10,8 @@ moekit, like transformers, rotates halves) and rebuilds the embedded tokenizer a
 `tokenizers.Tokenizer` (byte-level BPE from `tokenizer.ggml.tokens` / `merges`). Tensors are
 dequantized one at a time straight into a preallocated model, so peak memory stays near the final
 model size; the file is memory-mapped by `gguf.GGUFReader`. Quantized weights load as float32
-(or `dtype`); nothing is re-quantized.
+(or `dtype`); nothing is re-quantized. Routed experts in Q8_0 / Q4_0 / MXFP4 / Q4_K are the
+exception: they stay quantized, block for block (moekit.quant.gguf_import).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from moekit.checkpoint.native import CheckpointError
 from moekit.config import ConfigError, ModelConfig, MoEConfig
 
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "qwen3moe")
 
 
 def require_gguf():
@@ -105,6 +107,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str =
         max_seq_len=int(g("context_length", 2048)), norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(g("rope.freq_base", 10000.0)), rope_scaling=scaling,
         tie_embeddings="output.weight" not in tensor_names, moe=moe, source=source,
+        qk_norm=arch == "qwen3moe",
     )
 
 
@@ -118,6 +121,8 @@ def _name_map(cfg: ModelConfig) -> dict[str, tuple[str, Any]]:
     """GGUF tensor -> (moekit key, where): where is None (whole), ("rows", a, b, permute_heads) or
     ("expert_rows", a, b) for stacked [E, ...] expert tensors."""
     H, G, hd = cfg.n_heads, cfg.kv_heads, cfg.hd
+    # llama.cpp permutes llama-arch q/k rows for its interleaved RoPE; qwen3moe (NEOX RoPE) keeps them
+    pq, pk = (None, None) if cfg.qk_norm else (H, G)
     m: dict[str, tuple[str, Any]] = {"token_embd.weight": ("embed.weight", None), "output_norm.weight": ("norm.weight", None)}
     if not cfg.tie_embeddings:
         m["output.weight"] = ("lm_head.weight", None)
@@ -125,10 +130,13 @@ def _name_map(cfg: ModelConfig) -> dict[str, tuple[str, Any]]:
         b, L = f"blk.{i}.", f"layers.{i}."
         m[b + "attn_norm.weight"] = (L + "attn_norm.weight", None)
         m[b + "ffn_norm.weight"] = (L + "ffn_norm.weight", None)
-        m[b + "attn_q.weight"] = (L + "attn.wqkv.weight", ("rows", 0, H * hd, H))
-        m[b + "attn_k.weight"] = (L + "attn.wqkv.weight", ("rows", H * hd, (H + G) * hd, G))
+        m[b + "attn_q.weight"] = (L + "attn.wqkv.weight", ("rows", 0, H * hd, pq))
+        m[b + "attn_k.weight"] = (L + "attn.wqkv.weight", ("rows", H * hd, (H + G) * hd, pk))
         m[b + "attn_v.weight"] = (L + "attn.wqkv.weight", ("rows", (H + G) * hd, (H + 2 * G) * hd, None))
         m[b + "attn_output.weight"] = (L + "attn.wo.weight", None)
+        if cfg.qk_norm:
+            m[b + "attn_q_norm.weight"] = (L + "attn.q_norm.weight", None)
+            m[b + "attn_k_norm.weight"] = (L + "attn.k_norm.weight", None)
         if cfg.is_moe_layer(i):
             F_ = cfg.moe.expert_dim
             m[b + "ffn_gate_inp.weight"] = (L + "ffn.router.weight", None)
@@ -158,6 +166,24 @@ def _dequantize(t, path: Path) -> torch.Tensor:
     if arr.size != int(np.prod(shape)):
         raise CheckpointError(f"{path}: tensor {t.name!r} holds {arr.size} values, header says {shape}; file truncated?")
     return torch.from_numpy(arr.reshape(shape))
+
+
+def _quantized_experts(model, tensors: dict, path: Path, dtype: torch.dtype):
+    """Swap QuantizedExperts into the meta model when the file's experts are one exact block type;
+    returns their QuantConfig, or None (with a warning when quantized experts must be dequantized)."""
+    from moekit.quant import gguf_import as GI
+
+    layers = model.config.moe_layers
+    scheme, types = GI.expert_scheme(tensors, layers)
+    if scheme is None:
+        if not all(GI.is_float_type(t) for t in types):
+            import warnings
+
+            warnings.warn(f"{path}: expert tensors of type(s) {sorted(types)} are dequantized to float; moekit keeps "
+                          f"GGUF experts quantized when all ffn_*_exps share one of {', '.join(GI.GGML_SCHEMES)}",
+                          stacklevel=3)
+        return None
+    return GI.swap_in(model, scheme, GI.attention_is_q8_0(tensors, model.config.n_layers), dtype)
 
 
 def gguf_tokenizer(r, meta: dict[str, Any] | None = None):
@@ -199,11 +225,19 @@ def gguf_tokenizer(r, meta: dict[str, Any] | None = None):
     return tok
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Load a Llama-architecture GGUF file into a moekit `Transformer` (with `.tokenizer` attached)."""
+def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+              quantized_experts: bool = True):
+    """Load a Llama / Mixtral (`llama`) or Qwen3-MoE (`qwen3moe`) GGUF file into a moekit
+    `Transformer` (with `.tokenizer` attached).
+
+    quantized_experts: routed experts stored as Q8_0, Q4_0, MXFP4 or Q4_K (all of one type) load as
+    `QuantizedExperts` holding the file's blocks (int8 / int4 / mxfp4 / q4_k, `model.quant_config`
+    set), never dequantized, and then Q8_0 attention projections as int8 `QuantizedLinear`s; False,
+    or any other expert type, dequantizes them to `dtype`."""
     # Plan: 1. read metadata -> ModelConfig; 2. check the tensor set against the name map;
-    # 3. dequantize each tensor into a preallocated state dict (un-permuting q/k rows);
-    # 4. assign into a meta-built model; 5. rebuild the tokenizer.
+    # 3. quantized experts: swap empty QuantizedExperts into the meta model; 4. dequantize each
+    # other tensor into a preallocated state dict (un-permuting llama q/k rows), copy expert blocks
+    # as they are; 5. assign into the meta-built model; 6. rebuild the tokenizer.
     from moekit.checkpoint.native import materialize_buffers
     from moekit.model.transformer import Transformer
 
@@ -229,16 +263,42 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | 
         raise CheckpointError(f"{path}: unexpected tensor(s) {extra[:5]}; not a plain Llama GGUF?")
     with torch.device("meta"):
         model = Transformer(cfg)
-    sd_meta = model.state_dict()
     dt = dtype or torch.float32
-    out = {k: torch.empty(v.shape, dtype=torch.float32 if k.endswith("score_bias") else dt) for k, v in sd_meta.items()}
+    qcfg = _quantized_experts(model, tensors, path, dt) if quantized_experts and cfg.moe is not None else None
+    sd_meta = model.state_dict()
+
+    if qcfg is not None:
+        from moekit.quant import gguf_import as GI
+
+    def dtype_of(k: str, v: torch.Tensor) -> torch.dtype:
+        if qcfg is not None and GI.is_quantized_key(k):
+            return v.dtype  # codes and scales keep their storage dtypes
+        return torch.float32 if k.endswith("score_bias") else dt
+
+    out = {k: torch.empty(v.shape, dtype=dtype_of(k, v)) for k, v in sd_meta.items()}
     try:
         from tqdm import tqdm
 
-        items = tqdm(names.items(), desc=f"dequantizing {path.name}", unit="tensor", leave=False)
+        items = tqdm(names.items(), desc=f"loading {path.name}", unit="tensor", leave=False)
     except ImportError:  # progress is a nicety
         items = names.items()
     for gname, (key, where) in items:
+        if qcfg is not None and key.endswith(("ffn.experts.w13", "ffn.experts.w2")):
+            prefix = key[:-len("w13")] + "qw13" if key.endswith("w13") else key[:-len("w2")] + "qw2"
+            try:
+                GI.copy_experts(out, prefix, qcfg.scheme, tensors[gname].data,
+                                None if where is None else (where[1], where[2]), gname)
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+            continue
+        if qcfg is not None and qcfg.attention == "int8" and key.endswith(("attn.wqkv.weight", "attn.wo.weight")):
+            try:
+                GI.copy_linear(out, key[:-len("weight")] + "qweight", tensors[gname].data,
+                               None if where is None else (where[1], where[2]),
+                               None if where is None else where[3], gname)
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+            continue
         t = _dequantize(tensors[gname], path)
         dest = out[key]
         if where is None:
@@ -256,6 +316,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, device: str | 
     model.load_state_dict(out, strict=True, assign=True)
     materialize_buffers(model)
     model = model.to(device).eval()
+    if qcfg is not None:
+        model.quant_config = qcfg
     try:
         model.tokenizer = gguf_tokenizer(r, meta)
     except ConfigError as e:

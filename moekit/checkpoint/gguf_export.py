@@ -157,6 +157,10 @@ def export_gguf(model, out: str | Path, name: str | None = None) -> Path:
     from moekit.checkpoint.gguf import require_gguf
 
     gguf = require_gguf()  # a clear error naming the extra, before any work
+    if getattr(model, "quant_config", None) is not None:  # quantized weights go out as GGML blocks, not floats
+        from moekit.quant.gguf_export import export_quantized_gguf
+
+        return export_quantized_gguf(model, out, name)
 
     cfg = model.config
     arch = gguf_arch(cfg)

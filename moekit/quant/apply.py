@@ -85,7 +85,7 @@ def check_target(t: Target, group_size: int) -> None:
     if t.kind == "ffn" and not isinstance(t.module, (DenseFFN, QuantizedDenseFFN)):
         raise QuantError(f"{t.name}: unsupported FFN module {type(t.module).__name__}")
     for shape in _shapes(t):
-        formats.check_shape(shape, group_size, t.name)
+        formats.check_shape(shape, group_size, t.name, scheme=t.scheme)
 
 
 def quantize_target(t: Target, group_size: int, q13=None, q2=None) -> nn.Module:

@@ -121,7 +121,7 @@ def run_report(orig: str | Path, quant: str | Path, out: str | Path | None = Non
     return rep
 
 
-def quantize_cli(model: str, out: str, scheme: Literal["int8", "int4", "mxfp4"] = "int8", group_size: int = 32,
+def quantize_cli(model: str, out: str, scheme: Literal["int8", "int4", "mxfp4", "q4_k"] = "int8", group_size: int = 32,
                  method: Literal["rtn", "gptq"] = "rtn", calib: str | None = None, calib_tokens: int = 8192,
                  router_calibration: bool = False, attention: Literal["int8", "bf16"] = "bf16",
                  lm_head: bool = False, zero_point: bool = False, expert_floor: int = 64, seq_len: int = 256,
@@ -137,7 +137,8 @@ def quantize_cli(model: str, out: str, scheme: Literal["int8", "int4", "mxfp4"] 
     Args:
         model: a moekit model directory or `moekit train` run directory.
         out: output directory.
-        scheme: int8 (symmetric), int4 (symmetric like GGUF Q4_0, or --zero-point) or mxfp4 (E2M1 + E8M0 scales).
+        scheme: int8 (symmetric), int4 (symmetric like GGUF Q4_0, or --zero-point), mxfp4 (E2M1 + E8M0 scales)
+            or q4_k (GGML Q4_K super-blocks, llama.cpp's reference quantizer; RTN only, input dims multiples of 256).
         group_size: elements per scale along each row (mxfp4: 32).
         method: rtn (round to nearest) or gptq (per-expert Hessians from the tokens routed to each expert).
         calib: calibration data: a prepared corpus directory, a corpus name prepared under --data-dir, or a text file.
@@ -153,7 +154,7 @@ def quantize_cli(model: str, out: str, scheme: Literal["int8", "int4", "mxfp4"] 
         report_data: prepared corpus for the report (default: --calib if it is one, else en-prose under --data-dir).
         report_tokens: evaluation tokens of the report.
         gguf: also write OUT/model.gguf (Mixtral / Qwen3-MoE layouts, group size 32): int8 as Q8_0,
-            int4 as Q4_0, mxfp4 as MXFP4, the same codes and scales.
+            int4 as Q4_0, mxfp4 as MXFP4, q4_k as Q4_K, the same codes and scales.
         threads: torch threads (default: torch's choice).
     """
     from moekit.checkpoint.native import atomic_write_text

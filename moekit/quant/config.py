@@ -13,7 +13,7 @@ from typing import Any
 
 from moekit.errors import MoekitError
 
-SCHEMES = ("int8", "int4", "mxfp4")
+SCHEMES = ("int8", "int4", "mxfp4", "q4_k")
 METHODS = ("rtn", "gptq")
 ATTENTION = ("int8", "bf16")
 GROUP_SIZES = (32, 64, 128)
@@ -31,7 +31,8 @@ class QuantConfig:
     """How a model's weights are quantized (weight-only, group-wise along the input dim)."""
 
     scheme: str = "int8"
-    """Experts, dense FFNs and shared experts: int8 (symmetric), int4 or mxfp4 (E2M1 + E8M0)."""
+    """Experts, dense FFNs and shared experts: int8 (symmetric), int4, mxfp4 (E2M1 + E8M0) or q4_k
+    (GGML Q4_K: 256-input super-blocks of 8 x 32 with 6-bit scales and mins)."""
     group_size: int = 32
     """Elements sharing one scale, along each row's input dim (mxfp4: always 32)."""
     zero_point: bool = False
@@ -67,6 +68,12 @@ class QuantConfig:
         if self.scheme == "mxfp4" and self.group_size != MX_BLOCK:
             raise QuantError(f"mxfp4 shares one E8M0 scale per {MX_BLOCK} elements (OCP MX); "
                              f"use --group-size {MX_BLOCK}")
+        if self.scheme == "q4_k" and self.group_size != 32:
+            raise QuantError("q4_k has 32-input sub-blocks inside 256-input super-blocks (GGML Q4_K); "
+                             "use --group-size 32")
+        if self.scheme == "q4_k" and self.method == "gptq":
+            raise QuantError("q4_k picks its scales with llama.cpp's super-block search, which GPTQ cannot drive; "
+                             "use --method rtn, or --scheme int4 --method gptq")
         if self.format != FORMAT:
             raise QuantError(f"quantized storage format {self.format} is not readable by this moekit "
                              f"(it reads format {FORMAT}); re-quantize the original model")

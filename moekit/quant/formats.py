@@ -12,6 +12,8 @@ Schemes (value = code * scale):
 - mxfp4 (OCP Microscaling v1.0): FP4 E2M1 elements (sign bit, 2 exponent bits, 1 mantissa bit:
   magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6) and one E8M0 scale 2^(e - 127) per 32 elements, with the
   spec's scale rule e = floor(log2(amax)) - 2 and round-to-nearest-even, saturating at 6.
+- q4_k: GGML's Q4_K super-blocks (256 inputs, 8 sub-blocks with 6-bit scales and mins), kept in its
+  own module, moekit.quant.kquants; the functions here serve the three schemes above.
 Scales are rounded to their stored precision before the codes are computed, so codes and stored
 scales always agree (GPTQ relies on this: it encodes values already on the grid).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from moekit.quant import kquants
 from moekit.quant.config import QuantError
 
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -34,9 +37,11 @@ def e2m1_values(device=None) -> torch.Tensor:
     return torch.cat([g, -g])
 
 
-def check_shape(shape: tuple[int, ...], group_size: int, what: str = "weight") -> None:
+def check_shape(shape: tuple[int, ...], group_size: int, what: str = "weight", scheme: str | None = None) -> None:
     if len(shape) < 2:
         raise QuantError(f"{what}: expected a [..., out, in] matrix, got shape {tuple(shape)}")
+    if scheme == "q4_k":
+        kquants.check_shape(tuple(shape), what)
     if shape[-1] % group_size:
         ok = [g for g in (32, 64, 128) if shape[-1] % g == 0]
         fix = f"use --group-size {ok[-1]}" if ok else "leave it in float (its input dim is not a multiple of 32)"

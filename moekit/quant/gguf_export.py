@@ -4,8 +4,9 @@ Shape legend: E experts, F expert hidden dim, D model dim, R rows, B bytes per r
 
 The formats line up block for block at group size 32: int8 is Q8_0 (float16 scale + 32 int8 codes),
 symmetric int4 is Q4_0 (float16 scale + 16 bytes of nibbles holding code + 8, element j low and
-j + 16 high, which is moekit's own nibble order) and mxfp4 is GGML's MXFP4 (one E8M0 byte + the
-same 16 nibble bytes; GGML stores twice the E2M1 value with half the scale, the same product).
+j + 16 high, which is moekit's own nibble order), mxfp4 is GGML's MXFP4 (one E8M0 byte + the
+same 16 nibble bytes; GGML stores twice the E2M1 value with half the scale, the same product) and
+q4_k is GGML's Q4_K (moekit keeps its d/dmin, 12 scale bytes and 128 code bytes as they are).
 So export is a byte shuffle and round-trips exactly. Everything that is not quantized goes out as
 `moekit.checkpoint.gguf_export` writes it (the same names, layout and metadata).
 """
@@ -19,6 +20,7 @@ import torch
 
 from moekit.checkpoint.gguf_export import _permute, gguf_arch, new_writer
 from moekit.checkpoint.native import atomic_write
+from moekit.quant import kquants
 from moekit.quant.config import QuantError
 from moekit.quant.modules import QuantizedDenseFFN, QuantizedExperts, QuantizedLinear, QuantizedTensor
 
@@ -35,11 +37,19 @@ def ggml_type(q: QuantizedTensor):
         return T.Q4_0
     if q.scheme == "mxfp4":
         return T.MXFP4
+    if q.scheme == "q4_k":
+        return T.Q4_K
     raise QuantError("int4 with zero points has no exact GGUF block type; quantize with --no-zero-point (Q4_0)")
 
 
 def ggml_blocks(q: QuantizedTensor, rows: slice | None = None, index: int | None = None) -> np.ndarray:
     """uint8 [..., R, B]: the GGML blocks of q (matrix `index` of a stack, rows `rows`)."""
+    if q.scheme == "q4_k":  # three buffers that are already GGML's block fields
+        codes, scale, sub = (q.q, q.scale, q.sub) if index is None else (q.q[index], q.scale[index], q.sub[index])
+        if rows is not None:  # codes [..., O, I/2]; scale, sub [..., O, NS, *]
+            codes, scale, sub = codes[..., rows, :], scale[..., rows, :, :], sub[..., rows, :, :]
+        blocks = kquants.to_blocks(codes, scale, sub)
+        return blocks.reshape(*blocks.shape[:-2], -1).contiguous().numpy()
     codes, scale = q.q, q.scale
     if index is not None:
         codes, scale = codes[index], scale[index]
@@ -121,9 +131,11 @@ def export_quantized_gguf(model, out: str | Path, name: str | None = None) -> Pa
         raise QuantError("GGUF export: shared experts are not part of the Mixtral / Qwen3-MoE layouts")
     out = Path(out)
     path = out if out.suffix == ".gguf" else out / "model.gguf"
+    path.parent.mkdir(parents=True, exist_ok=True)
     mat_dtype = torch.float32 if model.dtype == torch.float32 else torch.bfloat16
     ftype = {"int8": gguf.LlamaFileType.MOSTLY_Q8_0, "int4": gguf.LlamaFileType.MOSTLY_Q4_0,
-             "mxfp4": getattr(gguf.LlamaFileType, "MOSTLY_MXFP4_MOE", gguf.LlamaFileType.MOSTLY_Q4_0)}
+             "mxfp4": getattr(gguf.LlamaFileType, "MOSTLY_MXFP4_MOE", gguf.LlamaFileType.MOSTLY_Q4_0),
+             "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S}
 
     def write(tmp) -> None:
         w = new_writer(gguf, tmp, cfg, arch, name, ftype[model.quant_config.scheme])

@@ -16,7 +16,8 @@ from torch import nn
 
 from moekit.config import GATED_ACTS
 from moekit.moe.experts import activate
-from moekit.quant import formats
+from moekit.quant.config import QuantError
+from moekit.quant import formats, kquants
 
 
 class QuantizedTensor(nn.Module):
@@ -24,14 +25,16 @@ class QuantizedTensor(nn.Module):
 
     Buffers (all saved): `q` int8 [..., O, I] (int8) or uint8 [..., O, I/2] (4-bit codes, two per
     byte); `scale` float16 [..., O, I/G] (uint8 E8M0 exponents for mxfp4); `zero` uint8 [..., O, I/G]
-    (int4 with zero points only). Their dtypes never change under `.to(dtype)`: only the device
-    follows, and `dequantize` produces whatever dtype the caller computes in.
+    (int4 with zero points only). q4_k (GGML Q4_K, see moekit.quant.kquants): `scale` float16
+    [..., O, I/256, 2] (d, dmin) and `sub` uint8 [..., O, I/256, 12] (packed 6-bit scales and mins).
+    Their dtypes never change under `.to(dtype)`: only the device follows, and `dequantize` produces
+    whatever dtype the caller computes in.
     """
 
     def __init__(self, shape: tuple[int, ...], scheme: str, group_size: int, zero_point: bool = False,
                  device: torch.device | str | None = None):
         super().__init__()
-        formats.check_shape(tuple(shape), group_size)
+        formats.check_shape(tuple(shape), group_size, scheme=scheme)
         self.shape, self.scheme, self.group_size, self.zero_point = tuple(shape), scheme, group_size, zero_point
         *lead, O, I = shape
         n_groups = I // group_size
@@ -39,9 +42,15 @@ class QuantizedTensor(nn.Module):
             q = torch.empty(*lead, O, I, dtype=torch.int8, device=device)
         else:
             q = torch.empty(*lead, O, I // 2, dtype=torch.uint8, device=device)
-        sdt = torch.uint8 if scheme == "mxfp4" else torch.float16
         self.register_buffer("q", q)
-        self.register_buffer("scale", torch.empty(*lead, O, n_groups, dtype=sdt, device=device))
+        if scheme == "q4_k":  # GGML Q4_K super-blocks (moekit.quant.kquants): (d, dmin) and 6-bit sub-scales
+            ns = I // kquants.QK_K
+            self.register_buffer("scale", torch.empty(*lead, O, ns, 2, dtype=torch.float16, device=device))
+            self.register_buffer("sub", torch.empty(*lead, O, ns, kquants.SCALE_BYTES, dtype=torch.uint8,
+                                                    device=device))
+        else:
+            sdt = torch.uint8 if scheme == "mxfp4" else torch.float16
+            self.register_buffer("scale", torch.empty(*lead, O, n_groups, dtype=sdt, device=device))
         self.register_buffer("zero", torch.empty(*lead, O, n_groups, dtype=torch.uint8, device=device)
                              if zero_point else None)
 
@@ -63,6 +72,12 @@ class QuantizedTensor(nn.Module):
         """Quantize w (round to nearest), or encode w with given float32 group (scale, zero) [..., O, I/G]
         (GPTQ passes the scales it used, and values already on their grid)."""
         mod = cls(tuple(w.shape), scheme, group_size, zero_point, device="meta")
+        if scheme == "q4_k":
+            if scale is not None:
+                raise QuantError("q4_k chooses its own super-block scales (llama.cpp's search); GPTQ cannot "
+                                 "drive it: use --method rtn, or --scheme int4 with gptq")
+            mod.q, mod.scale, mod.sub = kquants.quantize(w)
+            return mod
         w_xNG = w.detach().float().unflatten(-1, (-1, group_size))
         if scale is None:
             scale, zero = formats.group_params(scheme, w_xNG, zero_point)
@@ -73,18 +88,28 @@ class QuantizedTensor(nn.Module):
         return mod
 
     def params(self, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """float32 (scale, zero) [..., O, I/G] (of matrix `index` of the stack when given)."""
+        """float32 (scale, zero) [..., O, I/G] (of matrix `index` of the stack when given). q4_k: the
+        effective (d * sc, dmin * m) per 32 inputs, value = code * scale - min (a float min, not a zero)."""
+        if self.scheme == "q4_k":
+            s, sub = (self.scale, self.sub) if index is None else (self.scale[index], self.sub[index])
+            sc, m = kquants.unpack_scales(sub)
+            return (s[..., 0:1].float() * sc.float()).flatten(-2), (s[..., 1:2].float() * m.float()).flatten(-2)
         s = self.scale if index is None else self.scale[index]
         z = None if self.zero is None else (self.zero if index is None else self.zero[index]).float()
         return formats.scale_from_storage(self.scheme, s), z
 
     def codes(self, index: int | None = None) -> torch.Tensor:
         q = self.q if index is None else self.q[index]
+        if self.scheme == "q4_k":
+            return kquants.unpack_codes(q)
         return formats.loaded_codes(self.scheme, q, self.zero_point)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, index: int | None = None) -> torch.Tensor:
         """The float matrix (matrix `index` of the stack), computed in float32 and cast to dtype
         (the same float32 operations as `formats.from_codes`, done in place: one buffer)."""
+        if self.scheme == "q4_k":
+            pick = (lambda t: t) if index is None else (lambda t: t[index])
+            return kquants.dequantize(pick(self.q), pick(self.scale), pick(self.sub)).to(dtype)
         s, z = self.params(index)
         c_xNG = self.codes(index).unflatten(-1, (-1, self.group_size))
         if self.scheme == "mxfp4":
@@ -101,11 +126,16 @@ class QuantizedTensor(nn.Module):
         (packed weight, scales_and_zeros [I/G, O, 2] in dtype). That op computes
         w = (nibble - 8) * scale + zero, so symmetric codes (stored as code + 8) get zero 0 and
         zero-point codes get (8 - z) * scale."""
-        nib = formats.unpack_nibbles(self.q[index]).to(torch.int32)
-        # Symmetric codes are stored as code + 8, zero-point codes as they are: both are the nibbles.
+        if self.scheme == "q4_k":  # code * step - low = (code - 8) * step + (8 * step - low)
+            nib = self.codes(index).to(torch.int32)
+            s, low = self.params(index)
+            zf = 8.0 * s - low
+        else:
+            # Symmetric codes are stored as code + 8, zero-point codes as they are: both are the nibbles.
+            nib = formats.unpack_nibbles(self.q[index]).to(torch.int32)
+            s, z = self.params(index)
+            zf = torch.zeros_like(s) if z is None else (8.0 - z) * s
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nib, 1)
-        s, z = self.params(index)
-        zf = torch.zeros_like(s) if z is None else (8.0 - z) * s
         return packed, torch.stack([s.t(), zf.t()], -1).to(dtype).contiguous()
 
     @property
@@ -164,12 +194,12 @@ class QuantizedExperts(nn.Module):
         return self.qw13.dequantize(dtype, e), self.qw2.dequantize(dtype, e)
 
     def pack(self) -> int:
-        """int4 on CPU: keep a copy of every expert in the layout of torch's int4 matmul
+        """int4 / q4_k on CPU: keep a copy of every expert in the layout of torch's int4 matmul
         (`_weight_int4pack_mm_for_cpu`), which inference then uses instead of dequantizing (measured
         in docs/quantization.md). Returns the bytes added (about the 4-bit codes again); 0 when not
         applicable (not int4, op missing, expert dims not multiples of 16)."""
         op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
-        if self.scheme != "int4" or op is None or self.qw13.q.device.type != "cpu" or self.dim % 16 \
+        if self.scheme not in ("int4", "q4_k") or op is None or self.qw13.q.device.type != "cpu" or self.dim % 16 \
                 or self.hidden % 16:
             self._int4 = None
             return 0
