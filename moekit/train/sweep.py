@@ -123,7 +123,7 @@ def render_sweep(p: dict[str, Any]) -> str:
     lines += ["", f"Verdicts: better/worse when the 95% interval excludes 0 and |difference| > "
               f"{stats.MIN_PRACTICAL_BPB} bpb; one seed: only beyond the run-to-run spread "
               f"({stats.RUN_TO_RUN_SPREAD_BPB} bpb). The verdicts rank val bpb; \"samples degenerate\" flags budgets where "
-              "a model's greedy samples still repeat themselves (the main job does not rank those). Compute-optimal training is about {stats.TRAINED_TOKENS_PER_PARAM:.0f} tokens per "
+              f"a model's greedy samples still repeat themselves (the main job does not rank those). Compute-optimal training is about {stats.TRAINED_TOKENS_PER_PARAM:.0f} tokens per "
               "parameter; budgets far below it compare far-from-trained models.", "",
               "![sweep](sweep.png)", "",
               f"Pairs done: {len(p['pairs'])} of {len(s['budgets']) * len(s['seeds'])}; training "
