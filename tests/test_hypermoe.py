@@ -16,14 +16,7 @@ from torch.testing import assert_close
 import moekit
 from moekit.config import ConfigError, ModelConfig, MoEConfig
 from moekit.moe.hypermoe import HyperNetwork, expert_sets, generator_params
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from train_helpers import one_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 
 def _cfg(hyper_dim: int = 8, **moe) -> ModelConfig:

@@ -21,6 +21,17 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+
+def _results_jsonl(results, tok) -> str:
+    """One JSON line per generation (prompt and token ids, finish reason, text when a tokenizer exists)."""
+    lines = []
+    for g in results:
+        row = {"prompt_ids": g.prompt, "token_ids": g.tokens, "finish_reason": g.finish_reason}
+        if tok is not None:
+            row["text"] = tok.decode(g.tokens)
+        lines.append(json.dumps(row))
+    return "\n".join(lines) + "\n"
+
 def load_for_inference(model: str, dtype: str = "auto", seed: int = 0, storage_only: bool = False):
     """A model directory / .gguf file, or a preset name (random init from `seed`), in eval mode.
     `storage_only`: just cast the weights to `dtype` (e.g. to export them for other engines), without
@@ -204,13 +215,7 @@ def generate_cli(model: str, prompt: str | None = None, prompts_file: Path | Non
         return 0
 
     results = engine.generate(prompts, params)
-    lines = []
-    for g in results:
-        row = {"prompt_ids": g.prompt, "token_ids": g.tokens, "finish_reason": g.finish_reason}
-        if tok is not None:
-            row["text"] = tok.decode(g.tokens)
-        lines.append(json.dumps(row))
-    text = "\n".join(lines) + "\n"
+    text = _results_jsonl(results, tok)
     if output is None:
         sys.stdout.write(text)
     else:
@@ -281,13 +286,7 @@ def _generate_ep(ep_run, model, prompt, prompts_file, output, batch_size, params
                   f"{s.generated_tokens / max(s.decode_s, 1e-9):.1f} tok/s; EP={world}, all-to-all "
                   f"{100 * comm / max(total, 1e-9):.0f}% of the time on rank 0]", file=sys.stderr)
         elif lead:
-            lines = []
-            for g in results:
-                row = {"prompt_ids": g.prompt, "token_ids": g.tokens, "finish_reason": g.finish_reason}
-                if tok is not None:
-                    row["text"] = tok.decode(g.tokens)
-                lines.append(json.dumps(row))
-            text = "\n".join(lines) + "\n"
+            text = _results_jsonl(results, tok)
             if output is None:
                 sys.stdout.write(text)
             else:
