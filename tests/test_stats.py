@@ -114,3 +114,14 @@ def test_run_key_gains_new_fields_defaults_and_stays_equal():
     assert old != new and normalise_key(old) == normalise_key(new)
     changed = {**new, "train": {**new["train"], "lr": 1.0}}
     assert normalise_key(changed) != normalise_key(new)
+
+
+def test_run_key_ignores_thread_count():
+    from dataclasses import asdict
+
+    from moekit.train.pairs import normalise_key
+    from moekit.train.trainer import TrainConfig
+
+    a = {"train": asdict(TrainConfig(max_tokens=1000, threads=1))}
+    b = {"train": asdict(TrainConfig(max_tokens=1000, threads=2))}
+    assert normalise_key(a) == normalise_key(b)

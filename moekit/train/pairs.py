@@ -53,7 +53,7 @@ def key_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 def normalise_key(key: dict) -> dict:
     """A stored run key with the defaults of fields added since it was written: a new config or
     training field that keeps its default does not change what a finished run was trained with, so it
-    must not force a retrain. Keys that no longer parse are returned unchanged (and then differ)."""
+    must not force a retrain; nor does the thread count. Keys that no longer parse are returned unchanged (and then differ)."""
     from dataclasses import fields
 
     from moekit.config import ModelConfig
@@ -65,6 +65,8 @@ def normalise_key(key: dict) -> dict:
         if isinstance(out.get("train"), dict):
             names = {f.name for f in fields(TrainConfig)}
             out["train"] = asdict(TrainConfig(**{k: v for k, v in out["train"].items() if k in names}))
+            # Threads change speed, not what was trained: a run is reusable at any thread count.
+            out["train"].pop("threads", None)
     except Exception:  # an old key this code cannot read: compared as stored (it differs, and retrains)
         return key
     return json.loads(json.dumps(out))
@@ -76,7 +78,8 @@ def run_one(model, data, out: Path, tc: TrainConfig, key: dict, progress: bool, 
     config, preset, data, budget, batch shape and every other training setting) equals `key`;
     otherwise its directory is cleared and the model trains afresh."""
     summary, key_path = out / "summary.json", out / KEY_FILE
-    key = json.loads(json.dumps(key))  # the JSON form, as it is stored and compared
+    stored = json.loads(json.dumps(key))  # the JSON form, as it is stored
+    key = normalise_key(stored)
     why = None
     if out.exists() and any(out.iterdir()):
         old = normalise_key(json.loads(key_path.read_text())) if key_path.is_file() else None
@@ -90,7 +93,7 @@ def run_one(model, data, out: Path, tc: TrainConfig, key: dict, progress: bool, 
             print(f"{out}: {why}")
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(key_path, json.dumps(key, indent=1))
+    atomic_write_text(key_path, json.dumps(stored, indent=1))
     train(model, data, out, tc, resume=latest_checkpoint(out) is not None, progress=progress, plots=plots)
     return {**json.loads(summary.read_text()), "reuse": why or "trained (no earlier run)"}
 
