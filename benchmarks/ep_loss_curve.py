@@ -3,8 +3,12 @@
     python benchmarks/ep_loss_curve.py --steps 50 --out docs/figures/ep_loss_curve.png
 
 Trains --preset (default tiny-moe; fp32, aux loss off: the Switch loss is per rank, not the global-batch loss) on a
-small generated English-like corpus (tests/train_helpers.py) with the same seed and batch, and
-plots the three curves plus their largest relative difference.
+small generated English-like corpus (tests/train_helpers.py), or on a prepared corpus with --data-dir
+(`moekit data prepare`), with the same seed and batch, and plots the three curves plus their largest
+relative difference.
+
+    python benchmarks/ep_loss_curve.py --steps 50 --preset small-moe --data-dir data --corpus en-prose \
+        --batch-size 8 --seq-len 128 --out docs/figures/ep_loss_curve_small_moe_en_prose.png
 """
 
 from __future__ import annotations
@@ -27,16 +31,25 @@ def main():
     ap.add_argument("--work", default="/tmp/moekit-ep-loss")
     ap.add_argument("--out", default="docs/figures/ep_loss_curve.png")
     ap.add_argument("--preset", default="tiny-moe")
+    ap.add_argument("--data-dir", default=None, help="prepared data (default: a tiny generated corpus)")
+    ap.add_argument("--corpus", default="en-prose")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--lr", default="3e-3")
     a = ap.parse_args()
-    from train_helpers import tiny_data
-
     from moekit.distributed.spawn import free_port
 
     work = Path(a.work)
-    data = tiny_data(work)
-    common = ["train", "--preset", a.preset, "--data-dir", str(data.root), "--corpus", "x", "--max-steps",
-              str(a.steps), "--batch-size", "8", "--seq-len", "32", "--threads", "1", "--precision", "fp32",
-              "--eval-every", "0", "--ckpt-every", "0", "--no-progress", "--lr", "3e-3", "--warmup-steps", "5",
+    if a.data_dir is None:
+        from train_helpers import tiny_data
+
+        data_root, corpus = str(tiny_data(work).root), "x"
+    else:
+        data_root, corpus = str(Path(a.data_dir).resolve()), a.corpus
+    common = ["train", "--preset", a.preset, "--data-dir", data_root, "--corpus", corpus, "--max-steps",
+              str(a.steps), "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--threads", "1",
+              "--precision", "fp32",
+              "--eval-every", "0", "--ckpt-every", "0", "--no-progress", "--lr", a.lr, "--warmup-steps", "5",
               "--balance", "none"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     runs = {"1 process": [], "EP=2 (2 proc)": ["--ep", "2"], "EP=2 x DP=2 (4 proc)": ["--ep", "2"]}
@@ -68,7 +81,11 @@ def main():
     ax.legend()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(a.out, dpi=110, bbox_inches="tight")
-    print(json.dumps({"max_rel_diff": diffs, "final_loss": {k: v[-1] for k, v in curves.items()}}, indent=1))
+    res = {"preset": a.preset, "corpus": corpus, "batch": [a.batch_size, a.seq_len], "steps": a.steps,
+           "max_rel_diff": diffs, "final_loss": {k: v[-1] for k, v in curves.items()},
+           "max_rel_diff_first_20": {k: max(abs(x - y) / abs(y) for x, y in zip(v[:20], base)) for k, v in curves.items()}}
+    Path(a.out).with_suffix(".json").write_text(json.dumps({**res, "curves": curves}, indent=1))
+    print(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

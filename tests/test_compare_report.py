@@ -108,5 +108,13 @@ def test_sweep_outputs_and_the_report_at_equal_flops(tmp_path):
     assert sweep_context(tmp_path / "sweep.json", cfg, moe_flops, 16, 256, lr=2e-3)["matches"]
     assert "lr: 0.002 -> 0.001" in sweep_context(tmp_path / "sweep.json", cfg, moe_flops, 16, 256, lr=1e-3)["why"]
     assert sweep_context(tmp_path / "none.json", cfg, moe_flops, 16, 256) is None
+    # A sweep that scored a shorter piece of val is not comparable (bpb depend on the text scored).
+    assert sweep_context(tmp_path / "sweep.json", cfg, moe_flops, 16, 256, val_tokens=50_000)["matches"]
+    short = sweep_context(tmp_path / "sweep.json", cfg, moe_flops, 16, 256, val_tokens=80_000)
+    assert not short["matches"] and "val tokens evaluated: 65536 -> 80000" in short["why"][0]
+    p["pairs"] = [{**q, "val_tokens": 32_768} for q in p["pairs"]]
+    (tmp_path / "sweep.json").write_text(json.dumps(p))
+    assert not sweep_context(tmp_path / "sweep.json", cfg, moe_flops, 16, 256, val_tokens=50_000)["matches"]
+    assert sweep_context(tmp_path / "sweep.json", cfg, moe_flops, 16, 256, val_tokens=32_768)["matches"]
     p2, _ = _sweep_payload(tmp_path, [0.03, 0.02, 0.02, 0.01])
     assert p2["crossover"] is None and "No crossover within the sweep" in render_sweep(p2)

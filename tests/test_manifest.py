@@ -136,3 +136,19 @@ def test_cli_resume_with_truncated_rng_warns_instead_of_crashing(data, tmp_path,
     assert rc == 0, err
     assert "Traceback" not in err and "SafetensorError" not in err
     assert latest_checkpoint(out).name == "step-0000006"
+
+
+def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path):
+    # mkstemp makes 0600 files; outputs must get 0666 minus the umask like any file the user writes.
+    import os
+
+    from moekit.checkpoint.native import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        (tmp_path / "b.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "a.json").read_text() == "{}"

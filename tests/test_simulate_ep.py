@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from moekit.cli import main as cli_main
-from moekit.distributed.simulate import SimulateError, deepep_ll_check, simulate
+from moekit.distributed.simulate import (NETWORKS, SimulateError, deepep_ll_check, deepep_ll_latency, fit_deepep_ll,
+                                         simulate)
 from moekit.distributed.trace import TraceError, read_trace, write_ids_trace
 
 
@@ -21,6 +22,30 @@ def test_bytes_model_reproduces_deepep_low_latency_table():
         assert row["dispatch_gbs"] == pytest.approx(row["published_dispatch_gbs"], rel=0.05), row
         assert row["combine_gbs"] == pytest.approx(row["published_combine_gbs"], rel=0.05), row
 
+
+
+def test_fitted_link_model_reproduces_deepep_latencies_within_5_percent():
+    # The h800-deepep-ll preset: the simulator's bytes and one alpha + two bandwidths explain all 12
+    # published latencies (dispatch and combine, EP 8-256) within 5%.
+    rows = deepep_ll_latency(NETWORKS["h800-deepep-ll"])
+    assert [r["ep"] for r in rows] == [8, 16, 32, 64, 128, 256]
+    for r in rows:
+        assert abs(r["dispatch_rel_err"]) <= 0.05 and abs(r["combine_rel_err"]) <= 0.05, r
+    # The nominal (unfitted) preset is far off, so the check above is not vacuous.
+    assert max(abs(r["combine_rel_err"]) for r in deepep_ll_latency(NETWORKS["h800"])) > 0.2
+
+
+def test_fit_recovers_the_preset_and_predicts_held_out_points():
+    net, err = fit_deepep_ll()
+    pre = NETWORKS["h800-deepep-ll"]
+    assert err <= 0.05
+    assert net.alpha_us == pytest.approx(pre.alpha_us, rel=0.03)
+    assert net.nvlink_gbs == pytest.approx(pre.nvlink_gbs, rel=0.03)
+    assert net.rdma_gbs == pytest.approx(pre.rdma_gbs, rel=0.03)
+    # Fitted on the dispatch column alone, the model predicts every combine latency within 10%.
+    d_only, d_err = fit_deepep_ll(ops=("dispatch",))
+    assert d_err < 0.03
+    assert max(abs(r["combine_rel_err"]) for r in deepep_ll_latency(d_only)) < 0.10
 
 def test_ids_trace_bytes_by_hand(tmp_path):
     # 4 tokens on 2 ranks (tokens 0,1 on rank 0), experts 0-1 on rank 0 and 2-3 on rank 1, 2 nodes.

@@ -54,6 +54,12 @@ def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert main(args) == 0
     again = json.loads((root / "sweep.json").read_text())
     assert again["budgets"] == res["budgets"] and all(p["reuse"]["dense"].startswith("reused") for p in again["pairs"])
+    # Another eval length re-evaluates the finished runs without retraining them.
+    i = args.index("--eval-tokens")
+    assert main(args[:i + 1] + ["64"] + args[i + 2:]) == 0
+    short = json.loads((root / "sweep.json").read_text())
+    assert all(p["reuse"][m].startswith("reused") for p in short["pairs"] for m in ("moe", "dense"))
+    assert {p["val_tokens"] for p in short["pairs"]} == {64} and short["budgets"] != res["budgets"]
 
 
 def test_sweep_rejects_bad_input(tmp_path):

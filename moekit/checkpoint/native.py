@@ -27,6 +27,20 @@ class CheckpointError(MoekitError, ValueError):
     """A checkpoint that cannot be loaded; the message names the file and tensor."""
 
 
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc; elsewhere os.umask can only be read by setting
+    it, so it is set back at once (a process-wide change for an instant)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call write(tmp_path) then atomically move tmp_path onto `path`."""
     path = Path(path)
@@ -37,6 +51,9 @@ def atomic_write(path: str | Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 minus the umask),
+        # so outputs are readable by the group/others as users expect.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

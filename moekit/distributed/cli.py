@@ -53,7 +53,7 @@ def _plots(rep: dict, out: Path) -> list[Path]:
 
 
 def simulate_ep_cli(trace: str, ep: list[int] | None = None, nodes: int | None = None, redundant: int = 0,
-                    groups: int = 1, hardware: Literal["h800", "h100-80gb", "h200-141gb", "a100-80gb", "mi300x"] = "h800",
+                    groups: int = 1, hardware: Literal["h800", "h100-80gb", "h200-141gb", "a100-80gb", "mi300x", "h800-deepep-ll"] = "h800",
                     hidden: int | None = None, dispatch_dtype: Literal["bf16", "fp8", "fp32", "fp16"] = "bf16",
                     combine_dtype: Literal["bf16", "fp32", "fp16"] = "bf16", tokens_per_rank: int | None = None,
                     node_limit: int | None = None, num_experts: int | None = None, out: str = "runs/simulate-ep",

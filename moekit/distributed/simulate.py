@@ -54,8 +54,12 @@ NETWORKS: dict[str, Network] = {
     "h200-141gb": Network("h200-141gb", 450.0, 50.0, 10.0, 8, "as h100-80gb (NVLink 4, 400 Gb/s NIC per GPU)"),
     "a100-80gb": Network("a100-80gb", 300.0, 25.0, 10.0, 8, "NVLink 3: 600 GB/s bidirectional; 200 Gb/s HDR NIC"),
     "mi300x": Network("mi300x", 448.0, 50.0, 10.0, 8, "Infinity Fabric 7 x 64 GB/s per direction; 400 Gb/s NIC"),
+    # fit_deepep_ll() on DeepEP's published low-latency table (12 latencies, 3 parameters).
+    "h800-deepep-ll": Network("h800-deepep-ll", 136.6, 42.65, 23.7, 8, "fitted to DeepEP's low-latency H800 table "
+                              "(minimax relative error, moekit.distributed.simulate.fit_deepep_ll)"),
 }
-"""alpha_us (per collective launch + synchronisation) is an assumption, not a measurement."""
+"""alpha_us (per collective launch + synchronisation) is an assumption, not a measurement, except in
+the fitted h800-deepep-ll preset."""
 
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0 + 4.0 / 128}
 """Bytes per element on the wire; fp8 carries one fp32 scale per 128 elements (DeepEP)."""
@@ -103,6 +107,14 @@ def _dispatch_matrix(lt: LayerTrace, E: int, K: int | None, G: int, p: eplb.Plac
     return M, node_stats
 
 
+def link_time_us(net: Network, intra_s, inter_s, intra_r, inter_r):
+    """Per-rank time of one all-to-all: alpha + the slower of its NVLink and RDMA transfers, each
+    bound by the larger of what the rank sends and receives (full duplex links)."""
+    nv = torch.maximum(intra_s, intra_r) / (net.nvlink_gbs * 1e3)  # bytes / (GB/s) -> us
+    rd = torch.maximum(inter_s, inter_r) / (net.rdma_gbs * 1e3)
+    return net.alpha_us + torch.maximum(nv, rd)
+
+
 def simulate_layer(lt: LayerTrace, E: int, K: int | None, G: int, p: eplb.Placement, layer: int, *, hidden: int,
                    net: Network, rpn: int, dispatch_dtype: str = "bf16", combine_dtype: str = "bf16",
                    tokens_per_rank: int | None = None, node_limit: int | None = None, seed: int = 0) -> dict:
@@ -119,13 +131,8 @@ def simulate_layer(lt: LayerTrace, E: int, K: int | None, G: int, p: eplb.Placem
     intra_back, inter_back = (M * (node_GG & offdiag)).sum(0), (M * ~node_GG).sum(0)
     load = M.sum(0)
 
-    def t_us(intra_s, inter_s, intra_r, inter_r):
-        nv = torch.maximum(intra_s, intra_r) / (net.nvlink_gbs * 1e3)  # bytes / (GB/s) -> us
-        rd = torch.maximum(inter_s, inter_r) / (net.rdma_gbs * 1e3)
-        return net.alpha_us + torch.maximum(nv, rd)
-
-    t_disp = t_us(intra_rows * rb_d, inter_rows * rb_d, intra_back * rb_d, inter_back * rb_d)
-    t_comb = t_us(intra_back * rb_c, inter_back * rb_c, intra_rows * rb_c, inter_rows * rb_c)
+    t_disp = link_time_us(net, intra_rows * rb_d, inter_rows * rb_d, intra_back * rb_d, inter_back * rb_d)
+    t_comb = link_time_us(net, intra_back * rb_c, inter_back * rb_c, intra_rows * rb_c, inter_rows * rb_c)
     per_rank = t_disp + t_comb
     out = {
         "load_per_rank": load.tolist(),
@@ -223,3 +230,59 @@ def deepep_ll_check(seed: int = 0) -> list[dict]:
                      "dispatch_gbs": disp / td / 1e3, "combine_gbs": comb / tc / 1e3,
                      "published_dispatch_gbs": DEEPEP_LL_GBS[G][0], "published_combine_gbs": DEEPEP_LL_GBS[G][1]})
     return rows
+
+
+def _deepep_ll_bytes(seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
+    """Per EP degree, per-rank (intra send, inter send, intra receive, inter receive) bytes of the
+    dispatch and the combine on DeepEP's low-latency benchmark shape, from simulate_layer."""
+    from moekit.distributed.trace import _parse_synthetic
+
+    out = {}
+    for G in DEEPEP_LL:
+        tr = _parse_synthetic(f"synthetic:E=256,k=8,tokens={128 * G},zipf=0,seed={seed}")
+        r = simulate_layer(tr.layers[0], 256, 8, G, eplb.contiguous(256, G, 1), 0, hidden=7168, net=NETWORKS["h800"],
+                           rpn=min(G, 8), dispatch_dtype="fp8", combine_dtype="bf16")
+        d_i, d_x = torch.tensor(r["dispatch_bytes_intra"]), torch.tensor(r["dispatch_bytes_inter"])
+        c_i, c_x = torch.tensor(r["combine_bytes_intra"]), torch.tensor(r["combine_bytes_inter"])
+        f = DTYPE_BYTES["fp8"] / DTYPE_BYTES["bf16"]  # a dispatched row's bytes per combined row's
+        out[G] = {"dispatch": (d_i, d_x, c_i * f, c_x * f), "combine": (c_i, c_x, d_i / f, d_x / f)}
+    return out
+
+
+def deepep_ll_latency(net: Network, seed: int = 0, _bytes: dict | None = None) -> list[dict]:
+    """The simulator's dispatch and combine latency on DeepEP's benchmark shape with the link model
+    `net`, next to DeepEP's published latency and the relative error. The rank mean, not the slowest
+    rank that simulate() reports per layer: DeepEP's benchmark times each rank's kernel on its own
+    (each rank prints its own bandwidth) and the table gives a typical rank, not the straggler."""
+    b = _bytes or _deepep_ll_bytes(seed)
+    rows = []
+    for G, (td, tc) in DEEPEP_LL.items():
+        pd = float(link_time_us(net, *b[G]["dispatch"]).mean())
+        pc = float(link_time_us(net, *b[G]["combine"]).mean())
+        rows.append({"ep": G, "dispatch_us": pd, "published_dispatch_us": td, "dispatch_rel_err": pd / td - 1,
+                     "combine_us": pc, "published_combine_us": tc, "combine_rel_err": pc / tc - 1})
+    return rows
+
+
+def fit_deepep_ll(seed: int = 0, degrees: tuple[int, ...] | None = None, ops: tuple[str, ...] = ("dispatch", "combine")
+                  ) -> tuple[Network, float]:
+    """Fit alpha, NVLink and RDMA bandwidth of the link model to DeepEP's published low-latency
+    latencies (all 12, or a subset for hold-out checks) by minimising the largest relative error.
+    Returns the fitted Network and that error. Three parameters, the simulator's own bytes: the
+    check is whether one alpha + bandwidth model explains every EP degree and both directions."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    b = _deepep_ll_bytes(seed)
+    gs = [g for g in DEEPEP_LL if degrees is None or g in degrees]
+
+    def worst(x):
+        net = Network("fit", float(np.exp(x[1])), float(np.exp(x[2])), float(np.exp(x[0])))
+        rows = [r for r in deepep_ll_latency(net, _bytes=b) if r["ep"] in gs]
+        return max(abs(r[f"{op}_rel_err"]) for r in rows for op in ops)
+
+    # Log-parameters keep all three positive; Nelder-Mead copes with the max's kinks.
+    res = minimize(worst, np.log([20.0, 150.0, 45.0]), method="Nelder-Mead",
+                   options={"maxiter": 4000, "xatol": 1e-5, "fatol": 1e-7})
+    a, nv, rd = (float(v) for v in np.exp(res.x))
+    return Network("h800-deepep-ll", nv, rd, a, 8, "fit_deepep_ll"), float(res.fun)

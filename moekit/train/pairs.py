@@ -53,7 +53,7 @@ def key_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 def normalise_key(key: dict) -> dict:
     """A stored run key with the defaults of fields added since it was written: a new config or
     training field that keeps its default does not change what a finished run was trained with, so it
-    must not force a retrain; nor does the thread count. Keys that no longer parse are returned unchanged (and then differ)."""
+    must not force a retrain; nor does the thread count, nor the eval length of a run that evaluates only at the end. Keys that no longer parse are returned unchanged (and then differ)."""
     from dataclasses import fields
 
     from moekit.config import ModelConfig
@@ -65,8 +65,11 @@ def normalise_key(key: dict) -> dict:
         if isinstance(out.get("train"), dict):
             names = {f.name for f in fields(TrainConfig)}
             out["train"] = asdict(TrainConfig(**{k: v for k, v in out["train"].items() if k in names}))
-            # Threads change speed, not what was trained: a run is reusable at any thread count.
+            # Threads change speed, not what was trained: a run is reusable at any thread count. Nor does
+            # the eval length when no evaluation runs during training (the final one is cached apart).
             out["train"].pop("threads", None)
+            if not out["train"].get("eval_every"):
+                out["train"].pop("eval_tokens", None)
     except Exception:  # an old key this code cannot read: compared as stored (it differs, and retrains)
         return key
     return json.loads(json.dumps(out))

@@ -183,6 +183,7 @@ def sweep(name: str = "sweep", preset: str = "small-moe-fg", *, override: Sequen
         tokens = sums["moe"]["tokens"]
         pairs.append({"budget": b, "seed": s, "tokens": tokens, "steps": sums["moe"]["steps"],
                       "val_bpb": {m: ev["results"][m]["val"]["bpb"] for m in MODELS},
+                      "val_tokens": ev["results"]["moe"]["val"]["tokens"],
                       "degenerate": {m: stats.degenerate(ev["samples"][m].values()) for m in MODELS},
                       "samples": ev["samples"],
                       "flops": {m: stats.training_flops(cfgs[m], tokens, seq_len)["total"] for m in MODELS},
