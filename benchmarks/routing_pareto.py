@@ -42,13 +42,19 @@ FAMILIES = ("top-k", "cost", "cost-k", "dynamic-k", "budget", "naee")
 
 
 def cpu_name() -> str:
+    """The machine as `moekit doctor` names it (CPU family/model, ISA tier, bf16) and the load average."""
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+        from moekit.train.pairs import machine
+
+        return machine()
+    except Exception:  # doctor's facts unavailable: the bare model name
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor()
 
 
 def settings(args, hetero: bool) -> list[tuple[str, str, dict]]:

@@ -56,6 +56,11 @@ def test_report_not_ranked_reduced_seeds_and_warning():
     assert "**not ranked**" in text and "better" not in text.split("\n")[2]
     assert "**1 of 3 requested seeds: too few tokens.**" in text and "Over 1 seed," in text
     assert "Warning:" in text and "far from trained" in text  # 1M tokens / 6M active params
+    # With seeds, the unranked headline still states the paired interval (not as a ranking).
+    three = render_report(payload([1.50, 1.52, 1.51], [1.53, 1.52, 1.55], samples={"moe": BAD, "dense": BAD}))
+    head = three.split("\n")[2]
+    assert "**not ranked**" in head and "for the record and not as a ranking" in head and "95% CI [" in head
+    assert "better" not in head and "worse" not in head
     trained = render_report(payload([1.2], [1.21], tokens=200_000_000))
     assert "Warning:" not in trained and "within the run-to-run spread" in trained
 

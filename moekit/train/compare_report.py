@@ -94,7 +94,11 @@ def render_report(p: dict[str, Any]) -> str:
             f"bits/byte against **{stats.fmt_mean_std(res['dense']['val'])}** for the dense model with the same "
             f"active parameters and the same {info['moe']['tokens']:,} training tokens per seed"
             f"{' (mean ± std over seeds)' if n > 1 else ''}: {p['verdict_text']}")
-    if p["verdict"] in ("worse", "tie") and (p.get("sweep") or {}).get("matches"):
+    if p["verdict"] == "not_ranked" and pr.get("ci") is not None:
+        lo, hi = pr["ci"]
+        head += (f" The paired statistic, for the record and not as a ranking: MoE - dense {pr['mean_diff']:+.4f}, 95% CI "
+                 f"[{lo:+.4f}, {hi:+.4f}] over {n} seeds ({'includes 0' if lo <= 0 <= hi else 'excludes 0'}).")
+    if p["verdict"] in ("worse", "tie", "not_ranked") and (p.get("sweep") or {}).get("matches"):
         c = p["sweep"]["crossover"]
         head += (f" The token-budget sweep measured a crossover at about {c['x']:,.0f} tokens per run." if c else
                  f" The token-budget sweep found no crossover up to {p['sweep']['tokens_range'][1]:,} tokens per run.")
