@@ -105,6 +105,8 @@ def test_sweep_outputs_and_the_report_at_equal_flops(tmp_path):
     assert ctx["matches"] and dense_at[2] < ctx["dense_bpb_at_moe_flops"] < dense_at[1]
     text = render_report(payload([1.53, 1.57, 1.50], [1.53, 1.58, 1.49], sweep=ctx))
     assert f"**{ctx['dense_bpb_at_moe_flops']:.4f}** val bpb" in text
+    # The sweep's own paired difference at these FLOPs: +0.011 at 500k and -0.009 at 1M (log interpolation).
+    assert 0.011 > ctx["diff_at_moe_flops"] > -0.009 and f"**{ctx['diff_at_moe_flops']:+.4f}** bpb" in text
     assert f"crossover at about {p['crossover']['x']:,.0f}" in text
     # Another model (or batch shape) was swept: not used, and the report says why.
     other = sweep_context(tmp_path / "sweep.json", cfg.replace(n_layers=2), moe_flops, 16, 256)

@@ -53,6 +53,7 @@ def sweep_context(path: Path, moe_cfg, moe_flops: float, batch_size: int, seq_le
     return {"path": str(path), "matches": True, "flops_range": [min(fl), max(fl)],
             "tokens_range": [min(r["tokens"] for r in rows), max(r["tokens"] for r in rows)],
             "dense_bpb_at_moe_flops": stats.interp_log(fl, [r["dense"]["mean"] for r in rows], moe_flops),
+            "diff_at_moe_flops": stats.interp_log(fl, [r["paired"]["mean_diff"] for r in rows], moe_flops),
             "crossover": sw.get("crossover"), "seeds": sw["settings"].get("seeds")}
 
 
@@ -72,8 +73,11 @@ def _sweep_lines(p: dict[str, Any]) -> list[str]:
     else:
         out.append(f"From the sweep ({sw['path']}, seeds {sw['seeds']}), the dense model at this MoE's training "
                    f"FLOPs ({f['moe']['total']:.3g}) reaches **{at:.4f}** val bpb (interpolated in log-FLOPs between "
-                   f"sweep budgets), against {mv:.4f} for the MoE here (MoE - dense {mv - at:+.4f}; the sweep's and "
-                   "this job's runs differ in schedule length, so read it as indicative).")
+                   f"sweep budgets), against {mv:.4f} for the MoE here. That cross-run difference ({mv - at:+.4f}) "
+                   "carries the interpolation's error and the runs' different schedules (warmup, length); the "
+                   "like-for-like number is the sweep's own paired difference interpolated at these FLOPs"
+                   + (f", **{sw['diff_at_moe_flops']:+.4f}** bpb, against this job's {p['paired']['mean_diff']:+.4f}."
+                      if sw.get("diff_at_moe_flops") is not None else "."))
     c = sw.get("crossover")
     if c is None:
         out.append(f"The sweep finds **no crossover** between {sw['tokens_range'][0]:,} and {sw['tokens_range'][1]:,} "
