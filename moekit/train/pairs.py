@@ -53,7 +53,8 @@ def key_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 def normalise_key(key: dict) -> dict:
     """A stored run key with the defaults of fields added since it was written: a new config or
     training field that keeps its default does not change what a finished run was trained with, so it
-    must not force a retrain; nor does the thread count, nor the eval length of a run that evaluates only at the end. Keys that no longer parse are returned unchanged (and then differ)."""
+    must not force a retrain; nor does the thread count, nor the eval length of a run that evaluates
+    only at the end. Keys that no longer parse are returned unchanged (and then differ)."""
     from dataclasses import fields
 
     from moekit.config import ModelConfig
