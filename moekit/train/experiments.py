@@ -61,7 +61,8 @@ EXPERIMENTS = {"a": ["aux-0.01", "dense"], "b": ["none", "aux-0.01", "bias", "bi
                "c": ["aux-0.001", "aux-0.01", "aux-0.1", "aux-1.0"], "d": ["top1", "aux-0.01", "top4"],
                "h": ["aux-0.01", "hyper", "shared-16"],
                "r": ["dense", "aux-0.01", "fine16"],
-               "r2": ["bias", "fine32", "fine16-bias"]}
+               "r2": ["bias", "fine32", "fine16-bias"],
+               "lr": ["dense", "fine16"]}  # the main job's pair, run at another --lr
 
 
 def run_one(name: str, preset: str, data, root: Path, tc: TrainConfig) -> dict[str, Any]:
