@@ -212,18 +212,26 @@ combine: published (dispatch us, combine us) per EP degree (deepseek-ai/DeepEP d
 DEEPEP_LL_GBS = {8: (98, 127), 16: (63, 74), 32: (48, 53), 64: (43, 46), 128: (39, 39), 256: (39, 40)}
 
 
+def _deepep_ll_layers(seed: int = 0) -> dict[int, dict]:
+    """simulate_layer on DeepEP's low-latency benchmark shape (uniform top-8 of 256, 128 tokens per
+    rank, hidden 7168, fp8 dispatch / bf16 combine) at each published EP degree."""
+    from moekit.distributed.trace import _parse_synthetic
+
+    out = {}
+    for G in DEEPEP_LL:
+        tr = _parse_synthetic(f"synthetic:E=256,k=8,tokens={128 * G},zipf=0,seed={seed}")
+        out[G] = simulate_layer(tr.layers[0], 256, 8, G, eplb.contiguous(256, G, 1), 0, hidden=7168,
+                                net=NETWORKS["h800"], rpn=min(G, 8), dispatch_dtype="fp8", combine_dtype="bf16")
+    return out
+
+
 def deepep_ll_check(seed: int = 0) -> list[dict]:
     """Our bytes model on DeepEP's low-latency benchmark shape (uniform routing): per-rank bytes,
     the implied bandwidth at DeepEP's published latencies, and the published bandwidth. DeepEP's
     LL kernels send every one of the T*K copies (no node dedup, local copies included)."""
-    from moekit.distributed.trace import _parse_synthetic
-
     rows = []
-    for G, (td, tc) in DEEPEP_LL.items():
-        tr = _parse_synthetic(f"synthetic:E=256,k=8,tokens={128 * G},zipf=0,seed={seed}")
-        p = eplb.contiguous(256, G, 1)
-        r = simulate_layer(tr.layers[0], 256, 8, G, p, 0, hidden=7168, net=NETWORKS["h800"], rpn=min(G, 8),
-                           dispatch_dtype="fp8", combine_dtype="bf16")
+    for G, r in _deepep_ll_layers(seed).items():
+        td, tc = DEEPEP_LL[G]
         copies = sum(r["load_per_rank"]) / G  # every copy, local ones included (T*K per rank)
         disp, comb = copies * 7168 * DTYPE_BYTES["fp8"], copies * 7168 * DTYPE_BYTES["bf16"]
         rows.append({"ep": G, "dispatch_bytes": disp, "combine_bytes": comb,
@@ -232,16 +240,11 @@ def deepep_ll_check(seed: int = 0) -> list[dict]:
     return rows
 
 
-def _deepep_ll_bytes(seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
+def _deepep_ll_bytes(seed: int = 0) -> dict[int, dict[str, tuple[torch.Tensor, ...]]]:
     """Per EP degree, per-rank (intra send, inter send, intra receive, inter receive) bytes of the
-    dispatch and the combine on DeepEP's low-latency benchmark shape, from simulate_layer."""
-    from moekit.distributed.trace import _parse_synthetic
-
+    dispatch and the combine on DeepEP's low-latency benchmark shape."""
     out = {}
-    for G in DEEPEP_LL:
-        tr = _parse_synthetic(f"synthetic:E=256,k=8,tokens={128 * G},zipf=0,seed={seed}")
-        r = simulate_layer(tr.layers[0], 256, 8, G, eplb.contiguous(256, G, 1), 0, hidden=7168, net=NETWORKS["h800"],
-                           rpn=min(G, 8), dispatch_dtype="fp8", combine_dtype="bf16")
+    for G, r in _deepep_ll_layers(seed).items():
         d_i, d_x = torch.tensor(r["dispatch_bytes_intra"]), torch.tensor(r["dispatch_bytes_inter"])
         c_i, c_x = torch.tensor(r["combine_bytes_intra"]), torch.tensor(r["combine_bytes_inter"])
         f = DTYPE_BYTES["fp8"] / DTYPE_BYTES["bf16"]  # a dispatched row's bytes per combined row's

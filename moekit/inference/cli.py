@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-
 def _results_jsonl(results, tok) -> str:
     """One JSON line per generation (prompt and token ids, finish reason, text when a tokenizer exists)."""
     lines = []
@@ -31,6 +30,7 @@ def _results_jsonl(results, tok) -> str:
             row["text"] = tok.decode(g.tokens)
         lines.append(json.dumps(row))
     return "\n".join(lines) + "\n"
+
 
 def load_for_inference(model: str, dtype: str = "auto", seed: int = 0, storage_only: bool = False):
     """A model directory / .gguf file, or a preset name (random init from `seed`), in eval mode.
