@@ -46,6 +46,53 @@ def test_switching_tiers_in_one_process(monkeypatch):
     assert kernels.load() is None and kernels.tier() == "off"
 
 
+def test_pinned_fixes_the_switches_for_one_forward_and_one_thread(monkeypatch):
+    """Inside kernels.pinned() (a model forward) the tier and the on/off switch are read once; a
+    nested pin keeps the outer snapshot; other threads and code after the block read the environment."""
+    import threading
+
+    have = isa.supported_tiers()
+    if not have:
+        pytest.skip("not an x86 CPU with AVX2: no kernel tier")
+    monkeypatch.setenv(isa.ENV, have[0])
+    seen = {}
+    with kernels.pinned():
+        monkeypatch.setenv(isa.ENV, "off")
+        assert isa.tier() == have[0] and kernels.enabled()
+        with kernels.pinned():
+            assert isa.tier() == have[0]
+        assert isa.tier() == have[0]  # the inner exit does not drop the outer pin
+        t = threading.Thread(target=lambda: seen.update(tier=isa.tier(), on=kernels.enabled()))
+        t.start()
+        t.join()
+    assert seen == {"tier": "off", "on": False}
+    assert isa.tier() == "off" and not kernels.enabled() and kernels.load() is None
+
+
+def test_a_forward_pins_the_switches(monkeypatch):
+    """Transformer.forward runs under kernels.pinned(): an env flip from inside a layer takes effect
+    at the next forward, not half-way through this one."""
+    import moekit
+
+    have = isa.supported_tiers()
+    if not have:
+        pytest.skip("not an x86 CPU with AVX2: no kernel tier")
+    monkeypatch.setenv(isa.ENV, have[-1])
+    m = moekit.build_model(moekit.get_preset("tiny-moe"), seed=0).eval()
+    tiers = []
+
+    def hook(module, args):
+        tiers.append(isa.tier())
+        monkeypatch.setenv(isa.ENV, "off")
+
+    for block in m.layers:
+        block.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        m(torch.randint(0, m.config.vocab_size, (1, 4)))
+    assert tiers == [have[-1]] * len(m.layers)
+    assert isa.tier() == "off"
+
+
 def test_missing_tier_is_skipped_naming_the_flags(monkeypatch):
     """On a CPU without a tier's instructions the gate skips, and says which flags are missing."""
     monkeypatch.setattr(isa, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))

@@ -96,7 +96,11 @@ async def _one(client, url: str, body: dict, chat: bool) -> RequestResult:
                     res.prompt_tokens = obj["usage"]["prompt_tokens"]
                 for c in obj.get("choices", []):
                     text = (c.get("delta") or {}).get("content") if chat else c.get("text")
-                    if text:
+                    # A completions chunk without a finish_reason is one generated token even when its
+                    # text is empty: servers hold back the bytes of an incomplete UTF-8 character
+                    # (llama-server does), and the token still arrived. Chat role-only chunks do not count.
+                    token = text or (not chat and text is not None and c.get("finish_reason") is None)
+                    if token:
                         now = time.perf_counter()
                         if last is None:
                             res.ttft = now - t0

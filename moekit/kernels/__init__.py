@@ -201,8 +201,28 @@ def _switched_off(env: str) -> bool:
 def enabled() -> bool:
     """Kernels are allowed here: not switched off by MOEKIT_KERNELS=0 and a CPU tier applies
     (`isa.tier()` is not "off"). Both variables are read on every call (tests and benchmarks flip
-    them at run time); the parsing is cached, since a decode step asks ~70 times."""
+    them at run time, except inside `pinned()`); the parsing is cached."""
+    on = getattr(isa._pin, "on", None)
+    if on is not None:
+        return on
     return not _switched_off(os.environ.get("MOEKIT_KERNELS", "1")) and isa.tier() != "off"
+
+
+@contextlib.contextmanager
+def pinned():
+    """Fix `enabled()` and `isa.tier()` for this thread while the block runs (a model forward):
+    the environment is read once instead of at each of the ~700 kernel checks of a decode step.
+    Nested uses keep the outer snapshot; other threads are not affected."""
+    p = isa._pin
+    if getattr(p, "tier", None) is not None:
+        yield
+        return
+    on, t = enabled(), isa.tier()
+    p.on, p.tier = on, t
+    try:
+        yield
+    finally:
+        p.on = p.tier = None
 
 
 def module_name(tier: str) -> str:

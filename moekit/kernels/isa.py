@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import platform
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -117,9 +118,19 @@ def _resolve(req: str, flags: frozenset[str], x86: bool) -> str:
     return req
 
 
+_pin = threading.local()
+"""Per-thread snapshot of `tier()` (and `kernels.enabled()`) while a model forward runs
+(`moekit.kernels.pinned`): a decode step asks ~700 times, and each unpinned ask reads the
+environment (~1.3 us), about a tenth of a small model's step."""
+
+
 def tier() -> str:
     """The tier moekit's kernels and policies use now: the best the CPU has, or MOEKIT_CPU_ISA's
-    (read on every call, so tests can switch it). 'off' when none applies."""
+    (read on every call, so tests can switch it; fixed for the length of a forward). 'off' when
+    none applies."""
+    t = getattr(_pin, "tier", None)
+    if t is not None:
+        return t
     return _resolve(_requested(), cpu_flags(), is_x86())
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moekit import kernels
 from moekit.config import ModelConfig
 from moekit.model.loss import cross_entropy
 from moekit.model.attention import Attention, KVCache, RMSNorm, decode_linear
@@ -146,6 +147,13 @@ class Transformer(nn.Module):
         -100 ignored); cache: a `KVCache` to read and extend (the caller advances `cache.lengths`);
         logits_at [B]: only compute logits at these positions (generation), giving [B, 1, V].
         """
+        # The kernel switches (MOEKIT_KERNELS, MOEKIT_CPU_ISA) are read once per forward, not at
+        # each of the layers' ~20 kernel checks each (moekit.kernels.pinned).
+        with kernels.pinned():
+            return self._forward(input_ids, labels, cache, logits_at, return_routing_ids)
+
+    def _forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None, cache: KVCache | None,
+                 logits_at: torch.Tensor | None, return_routing_ids: bool) -> ModelOutput:
         # Plan: 1. positions (from the cache lengths when decoding) and the attention mask;
         # 2. the blocks, collecting routing values; 3. head and losses.
         B, S = input_ids.shape
