@@ -44,7 +44,9 @@ def child(a) -> dict:
         moekit.Transformer(moekit.get_preset("tiny-moe"))  # one-off meta-device state, outside the delta
     base = _status("VmRSS")
     if a.mode.startswith("resident"):
-        m = moekit.load_model(a.model_dir)
+        from moekit.quant.checkpoint import is_quantized, load_quantized
+
+        m = load_quantized(a.model_dir) if is_quantized(a.model_dir) else moekit.load_model(a.model_dir)
         if a.mode == "resident-torch":  # the expert math the offloaded module uses: tokens comparable bit for bit
             from moekit.moe.backends import set_backend
 
@@ -101,6 +103,16 @@ def prepare(a) -> tuple[str, str]:
         from moekit.train.evaluate import resolve_checkpoint
 
         model_dir = str(resolve_checkpoint(a.model))
+    if a.quantize:  # the same weights, experts (and dense FFNs) quantized round-to-nearest, group 32
+        from moekit.quant.calibrate import quantize_model
+        from moekit.quant.checkpoint import save_quantized
+
+        qdir = str(Path(a.cache_dir) / f"{Path(model_dir).name}-{a.quantize}")
+        if not (Path(qdir) / "model.safetensors").is_file():
+            q, _ = quantize_model(moekit.load_model(model_dir), a.quantize, 32)
+            save_quantized(q, q.quant_config, qdir)
+            del q
+        model_dir = qdir
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     if a.data:
         from moekit.data import load_prepared
@@ -123,6 +135,10 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default="/tmp/moekit-bench")
+    ap.add_argument("--quantize", default=None, choices=["int8", "int4", "mxfp4"],
+                    help="offload a round-to-nearest quantized copy (experts stream their codes and scales)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of every configuration, round-robin; tables give the median tok/s (min-max)")
     ap.add_argument("--out", default="benchmarks/results/memory_offload")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="resident", help=argparse.SUPPRESS)
@@ -136,25 +152,50 @@ def main() -> int:
     Path(a.cache_dir).mkdir(parents=True, exist_ok=True)
     model_dir, prompts = prepare(a)
     runs = [("resident", 1), ("resident-torch", 1)] + [(b, pf) for b in a.budgets for pf in (1, 0)]
-    results = []
-    for mode, pf in runs:
-        cmd = [sys.executable, __file__, "--child", "--mode", mode, "--prefetch", str(pf), "--model-dir", model_dir,
-               "--prompts", prompts, "--new-tokens", str(a.new_tokens), "--threads", str(a.threads)]
-        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        if r.returncode:
-            print(r.stderr[-3000:], file=sys.stderr)
-            return 1
-        res = json.loads(r.stdout.strip().splitlines()[-1])
-        results.append(res)
-        w = res["warm"]
-        print(f"{mode:>8} prefetch={pf}: warm {w['decode_tok_s']:.2f} tok/s hit {w.get('hit_rate')} "
-              f"peak RSS +{res['peak_rss_delta'] / 2**20:.0f} MiB", flush=True)
+    per_cfg: dict = {}
+    for rnd in range(a.rounds):
+        for mode, pf in (runs if rnd % 2 == 0 else runs[::-1]):  # alternate the order: drift hits all alike
+            res = _run_child(a, mode, pf, model_dir, prompts)
+            if res is None:
+                return 1
+            per_cfg.setdefault((mode, pf), []).append(res)
+    results = [_merge(per_cfg[k]) for k in runs]
     ref = results[1]  # resident on the torch backend: same per-expert math as OffloadedExperts
     for r in results[1:]:
         r["tokens_match_resident"] = all(r[p]["tokens"] == ref[p]["tokens"] for p in ("cold", "warm"))
     write({"model": model_dir, "cpu": cpu_name(), "threads": a.threads, "new_tokens": a.new_tokens,
-           "prompt_len": a.prompt_len, "data": a.data, "runs": results}, Path(a.out))
+           "prompt_len": a.prompt_len, "data": a.data, "rounds": a.rounds, "runs": results}, Path(a.out))
     return 0
+
+
+def _merge(rounds: list[dict]) -> dict:
+    """One configuration over its rounds: the first round's telemetry, tokens/s as the median, with
+    every round's value and the spread kept."""
+    import statistics
+
+    out = rounds[0]
+    for ph in ("cold", "warm"):
+        vals = [r[ph]["decode_tok_s"] for r in rounds]
+        out[ph]["decode_tok_s_rounds"] = vals
+        out[ph]["decode_tok_s"] = statistics.median(vals)
+        if "hit_rate" in out[ph]:
+            out[ph]["hit_rate_rounds"] = [r[ph]["hit_rate"] for r in rounds]
+    out["peak_rss_delta"] = max(r["peak_rss_delta"] for r in rounds)
+    return out
+
+
+def _run_child(a, mode: str, pf: int, model_dir: str, prompts: str) -> dict | None:
+    cmd = [sys.executable, __file__, "--child", "--mode", mode, "--prefetch", str(pf), "--model-dir", model_dir,
+           "--prompts", prompts, "--new-tokens", str(a.new_tokens), "--threads", str(a.threads)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if r.returncode:
+        print(r.stderr[-3000:], file=sys.stderr)
+        return None
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    w = res["warm"]
+    print(f"{mode:>8} prefetch={pf}: warm {w['decode_tok_s']:.2f} tok/s hit {w.get('hit_rate')} "
+          f"peak RSS +{res['peak_rss_delta'] / 2**20:.0f} MiB", flush=True)
+    return res
 
 
 def cpu_name() -> str:
@@ -175,7 +216,8 @@ def write(res: dict, out: Path) -> None:
     runs = res["runs"]
     full = runs[0]["model_bytes"]
     lines = [f"# Expert offloading ({res['model']}, {res['cpu']}, {res['threads']} threads, batch 1, "
-             f"{res['new_tokens']} new tokens after {res['prompt_len']}-token prompts)", "",
+             f"{res['new_tokens']} new tokens after {res['prompt_len']}-token prompts, "
+             f"{res.get('rounds', 1)} round(s): median tok/s (min-max))", "",
              f"Model file: {full / 2**20:.0f} MiB.", "",
              "| budget | prefetch | cold tok/s | warm tok/s | warm hit rate | prefetch accuracy | stall ms/token | "
              "peak RSS delta MiB | max resident experts MiB | tokens = resident |",
@@ -185,8 +227,12 @@ def write(res: dict, out: Path) -> None:
         acc = w.get("prefetch_accuracy")
         res_mib = w.get("max_resident_bytes")
         pfs = ("on" if r["prefetch"] else "off") if not r["mode"].startswith("resident") else "-"
-        lines.append(f"| {r['mode']} | {pfs} | {c['decode_tok_s']:.2f} | "
-                     f"{w['decode_tok_s']:.2f} | {w.get('hit_rate', 1.0):.3f} | "
+        def tps(ph):
+            v = ph.get("decode_tok_s_rounds", [ph["decode_tok_s"]])
+            return f"{ph['decode_tok_s']:.2f}" + (f" ({min(v):.2f}-{max(v):.2f})" if len(v) > 1 else "")
+
+        lines.append(f"| {r['mode']} | {pfs} | {tps(c)} | "
+                     f"{tps(w)} | {w.get('hit_rate', 1.0):.3f} | "
                      f"{'-' if acc is None else f'{acc:.3f}'} | {w.get('stall_ms_per_token', 0.0):.1f} | "
                      f"{r['peak_rss_delta'] / 2**20:.0f} | {'-' if res_mib is None else f'{res_mib / 2**20:.0f}'} | "
                      f"{r.get('tokens_match_resident', '-')} |")

@@ -74,6 +74,37 @@ def test_offloaded_generation_is_token_identical(saved, dtype):
                 close_offload(m)
 
 
+@pytest.mark.parametrize("scheme,zero_point", [("int4", False), ("int8", False), ("mxfp4", False), ("int4", True)])
+def test_quantized_experts_offload_token_identical(tmp_path, scheme, zero_point):
+    """A `moekit quantize` checkpoint offloads its codes and scales: same tokens as the resident
+    quantized model, the budget counted in quantized bytes (6x+ more 4-bit experts per byte than fp32)."""
+    from moekit.memory.offload import OffloadedExperts
+    from moekit.quant.calibrate import quantize_model
+    from moekit.quant.checkpoint import load_quantized, save_quantized
+
+    cfg = dataclasses.replace(moekit.get_preset("tiny-moe"), n_layers=3)
+    q, _ = quantize_model(moekit.build_model(cfg, seed=0).eval(), scheme, 32, zero_point=zero_point)
+    save_quantized(q, q.quant_config, tmp_path / "q")
+    ref_model = load_quantized(tmp_path / "q")
+    prompts = _prompts(cfg.vocab_size)
+    ref = _gen(ref_model, prompts)
+    qx = ref_model.moe_layers()[0].experts
+    expert_bytes = sum(t[0].nbytes for m in (qx.qw13, qx.qw2) for t in m._buffers.values() if t is not None)
+    float_bytes = 4 * (qx.qw13.shape[1] * qx.qw13.shape[2] + qx.qw2.shape[1] * qx.qw2.shape[2])
+    assert float_bytes / expert_bytes > (6 if scheme != "int8" else 3.5)  # fp32 / (4 bits + scales [+ zeros])
+    for budget, prefetch in (("0.3", True), ("0.3", False), (str(2 * 3 * expert_bytes), True)):
+        m = load_offloaded(tmp_path / "q", budget, prefetch=prefetch)
+        try:
+            assert isinstance(m.moe_layers()[0].experts, OffloadedExperts)
+            assert m.quant_config.scheme == scheme
+            assert _gen(m, prompts) == ref, (budget, prefetch)
+            t = offload_telemetry(m)
+            assert 0 < t["max_resident_bytes"] <= parse_budget(budget, cfg.moe.num_experts * 3 * expert_bytes)
+            assert t["bytes_read"] >= t["misses"] * expert_bytes > 0
+        finally:
+            close_offload(m)
+
+
 def test_offloaded_auto_backend_matches_resident_logits(saved):
     ref_model = moekit.load_model(saved["float32"])
     m = load_offloaded(saved["float32"], "0.25")

@@ -17,6 +17,9 @@ Design (documented in docs/memory.md):
   experts (most picked first, at most the cache's capacity) to a one-thread executor.
 - Results never depend on the cache: weights are bit-identical copies of the file's, whichever
   path loaded them, so offloaded generation is token-identical to resident generation.
+- Quantized experts (`moekit quantize` checkpoints: int8, int4, MXFP4, Q4_K) stream their codes
+  and scales, not float weights: a slot holds one expert's quantized buffers and a one-expert
+  `QuantizedExperts` computes on them, so the budget buys about 3.5x more int4 experts than bf16.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch import nn
 
 from moekit.errors import MoekitError
 from moekit.memory.cache import CacheStats, ExpertCache
-from moekit.memory.store import ExpertStore, read_header
+from moekit.memory.store import FLOAT_PARTS, ExpertStore, read_header
 from moekit.moe.experts import activate, as_compute
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -52,15 +55,44 @@ def parse_budget(text: str | float | int, total_expert_bytes: int) -> int:
     return int(v * _UNITS[unit])
 
 
-class OffloadedExperts(nn.Module):
-    """GroupedExperts' interface over an `ExpertCache`: weights are fetched per expert per call."""
+def quant_parts(experts) -> tuple[str, ...]:
+    """The per-expert buffers of a `QuantizedExperts` in the order a slot holds them
+    (qw13.q, qw13.scale, [qw13.zero | qw13.sub], then the same for qw2)."""
+    return tuple(f"{m}.{b}" for m in ("qw13", "qw2") for b, t in getattr(experts, m)._buffers.items() if t is not None)
 
-    def __init__(self, cache: ExpertCache, dim: int, hidden: int, act: str):
+
+class _QuantRunner:
+    """Computes one quantized expert from a cache slot: a one-expert `QuantizedExperts` (same scheme,
+    group size and activation as the layer's) whose buffers are pointed at the slot's."""
+
+    def __init__(self, like):
+        from moekit.quant.modules import QuantizedExperts
+
+        q = like.qw13
+        self.names = quant_parts(like)
+        self.one = QuantizedExperts(1, like.dim, like.hidden, like.act, q.scheme, q.group_size, q.zero_point,
+                                    device="meta", alpha=like.alpha, limit=like.limit)
+
+    def __call__(self, slot, x_ND: torch.Tensor) -> torch.Tensor:
+        for name, buf in zip(self.names, slot):
+            mod, attr = name.split(".")
+            getattr(self.one, mod)._buffers[attr] = buf.unsqueeze(0)  # [1, ...]: a view, no copy
+        return self.one.expert_forward(0, x_ND)
+
+
+class OffloadedExperts(nn.Module):
+    """GroupedExperts' interface over an `ExpertCache`: weights are fetched per expert per call.
+    `runner(slot, x_ND)` computes on a slot of quantized buffers (None: float w13, w2)."""
+
+    def __init__(self, cache: ExpertCache, dim: int, hidden: int, act: str, runner=None):
         super().__init__()
         self.cache = cache
+        self.runner = runner
         self.num_experts, self.dim, self.hidden, self.act = cache.store.num_experts, dim, hidden, act
 
     def _run(self, w, x_ND: torch.Tensor) -> torch.Tensor:
+        if self.runner is not None:
+            return self.runner(w, x_ND)
         w13, w2 = w
         h = activate(F.linear(x_ND, as_compute(w13, x_ND)), self.act)
         return F.linear(h, as_compute(w2, h))
@@ -149,7 +181,12 @@ def offload_model(model, weights: str | Path, budget: str | float | int, policy:
     if biased:
         raise MoekitError("expert offloading streams w13/w2 only; this model's experts carry biases and the clamped "
                           "SwiGLU (gpt-oss), which it does not stream: run without --expert-memory-budget")
-    stores = [ExpertStore(weights, f"layers.{b}.ffn.experts") for b in blocks]
+    from moekit.quant.modules import QuantizedExperts
+
+    olds = [model.layers[b].ffn.experts for b in blocks]
+    quant = [isinstance(o, QuantizedExperts) for o in olds]
+    stores = [ExpertStore(weights, f"layers.{b}.ffn.experts", quant_parts(o) if q else FLOAT_PARTS)
+              for b, o, q in zip(blocks, olds, quant)]
     total = sum(s.expert_bytes * s.num_experts for s in stores)
     budget_bytes = parse_budget(budget, total)
     per_layer = budget_bytes // len(blocks)
@@ -158,12 +195,11 @@ def offload_model(model, weights: str | Path, budget: str | float | int, policy:
         raise MoekitError(f"expert memory budget {budget_bytes} bytes is below one expert per MoE layer "
                           f"({len(blocks)} x {need} bytes); raise --expert-memory-budget")
     caches = []
-    for b, s in zip(blocks, stores):
+    for b, s, old, q in zip(blocks, stores, olds, quant):
         layer = model.layers[b].ffn
-        old = layer.experts
         cap = min(s.num_experts, per_layer // s.expert_bytes)
         cache = ExpertCache(s, cap, policy)
-        layer.experts = OffloadedExperts(cache, old.dim, old.hidden, old.act)
+        layer.experts = OffloadedExperts(cache, old.dim, old.hidden, old.act, _QuantRunner(old) if q else None)
         caches.append(cache)
     model._offload_prefetcher = _Prefetcher([model.layers[b].ffn for b in blocks], caches) if prefetch else None
     model._offload_caches = caches
@@ -173,11 +209,14 @@ def offload_model(model, weights: str | Path, budget: str | float | int, policy:
 
 
 def load_offloaded(path: str | Path, budget: str | float | int, policy: str = "lru", prefetch: bool = True):
-    """Load a moekit model directory with its experts offloaded: only the non-expert weights and
-    the experts' cache are ever resident (the expert stacks are never read whole)."""
+    """Load a moekit model directory (float, or quantized by `moekit quantize`) with its experts
+    offloaded: only the non-expert weights and the experts' cache are ever resident (the expert
+    stacks are never read whole)."""
     from moekit.checkpoint.native import CONFIG_NAME, WEIGHTS_NAME, materialize_buffers
     from moekit.config import ModelConfig
     from moekit.model.transformer import Transformer
+    from moekit.quant.apply import empty_structure, set_compute_dtype
+    from moekit.quant.checkpoint import is_quantized, read_config
     from safetensors import safe_open
 
     path = Path(path)
@@ -185,13 +224,20 @@ def load_offloaded(path: str | Path, budget: str | float | int, policy: str = "l
         from moekit.train.evaluate import resolve_checkpoint
 
         path = resolve_checkpoint(path)
-    cfg = ModelConfig.from_json(path / CONFIG_NAME)
+    qcfg = None
+    if is_quantized(path):
+        cfg, qcfg = read_config(path)
+    else:
+        cfg = ModelConfig.from_json(path / CONFIG_NAME)
     with torch.device("meta"):
         model = Transformer(cfg)
+    if qcfg is not None:
+        empty_structure(model, qcfg)  # quantized modules on meta, their buffers named as in the file
     header, _ = read_header(path / WEIGHTS_NAME)
     sd = {}
+    expert_keys = (".experts.w13", ".experts.w2", ".experts.qw13.", ".experts.qw2.")
     for k in model.state_dict():
-        if ".experts.w13" in k or ".experts.w2" in k:
+        if any(p in k for p in expert_keys):
             continue
         if k not in header:
             raise MoekitError(f"{path / WEIGHTS_NAME}: missing tensor {k!r}")
@@ -202,6 +248,9 @@ def load_offloaded(path: str | Path, budget: str | float | int, policy: str = "l
     if missing.unexpected_keys or [k for k in missing.missing_keys if ".experts." not in k]:
         raise MoekitError(f"{path}: weights do not match the config ({missing})")
     materialize_buffers(model)
+    if qcfg is not None:
+        set_compute_dtype(model, model.embed.weight.dtype)
+        model.quant_config = qcfg
     model.offload_plan = plan
     return model.eval()
 

@@ -2,6 +2,9 @@
 file into owned, preallocated buffers with `os.preadv` (no memory map, so the file's page cache is
 never counted in this process's resident set).
 
+An expert is the e-th slice of each of a layer's stacked tensors: float `w13` [E, H, D] and `w2`
+[E, D, F], or the buffers of quantized experts (`qw13.q`, `qw13.scale`, ... [E, ...], any dtype).
+
 Shape legend: E experts, H = 2F fused gate/up rows, D model dim, F expert hidden dim.
 """
 
@@ -16,7 +19,8 @@ import torch
 
 from moekit.errors import MoekitError
 
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8, "U8": torch.uint8}
+FLOAT_PARTS = ("w13", "w2")
 
 
 def read_header(path: str | Path) -> tuple[dict, int]:
@@ -29,19 +33,25 @@ def read_header(path: str | Path) -> tuple[dict, int]:
 
 
 class ExpertStore:
-    """Reads expert e's (w13 [H, D], w2 [D, F]) of one layer from the file at their byte offsets."""
+    """Reads expert e's slices of one layer's stacked tensors `prefix.<name>` (default: w13 [H, D]
+    and w2 [D, F]) from the file at their byte offsets."""
 
-    def __init__(self, path: str | Path, prefix: str):
+    def __init__(self, path: str | Path, prefix: str, names: tuple[str, ...] = FLOAT_PARTS):
         self.path = str(path)
+        self.names = tuple(names)
         header, base = read_header(path)
         self.parts = []
-        for name in ("w13", "w2"):
+        E = None
+        for name in self.names:
             key = f"{prefix}.{name}"
             if key not in header:
                 raise MoekitError(f"{path}: tensor {key!r} not found; is this the model's own safetensors file?")
             h = header[key]
             if h["dtype"] not in _DTYPES:
-                raise MoekitError(f"{path}: {key} has dtype {h['dtype']}; offloading reads F32/BF16/F16 experts")
+                raise MoekitError(f"{path}: {key} has dtype {h['dtype']}; offloading reads F32/BF16/F16 experts "
+                                  "or I8/U8 quantized codes with their scales")
+            if E is not None and h["shape"][0] != E:
+                raise MoekitError(f"{path}: {key} stacks {h['shape'][0]} experts, {prefix}.{self.names[0]} {E}")
             dt = _DTYPES[h["dtype"]]
             E, *rest = h["shape"]
             per = (h["data_offsets"][1] - h["data_offsets"][0]) // E
@@ -51,11 +61,11 @@ class ExpertStore:
         self.expert_bytes = sum(p[1] for p in self.parts)
         self.fd = os.open(self.path, os.O_RDONLY)
 
-    def alloc(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """An empty slot: owned buffers for one expert's w13 and w2."""
+    def alloc(self) -> tuple[torch.Tensor, ...]:
+        """An empty slot: owned buffers for one expert's slice of each part (w13 and w2)."""
         return tuple(torch.empty(shape, dtype=dt) for _, _, dt, shape in self.parts)  # type: ignore[return-value]
 
-    def read_into(self, e: int, slot: tuple[torch.Tensor, torch.Tensor]) -> int:
+    def read_into(self, e: int, slot: tuple[torch.Tensor, ...]) -> int:
         """Fill `slot` with expert e's weights; returns the bytes read."""
         total = 0
         for (start, per, _, _), buf in zip(self.parts, slot):
