@@ -84,6 +84,24 @@ def test_bench_cli_quick_writes_json_markdown_png(tmp_path):
     assert (out / "throughput.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_cli_skipping_counts_skipped_expert_flops(tmp_path):
+    """--skip-beta reaches the moekit engine (not the dense one) and each result says what it skipped."""
+    from moekit.bench.cli import bench_cli
+    from moekit.cli import main
+
+    out = tmp_path / "b"
+    rc = main(["bench", "tiny-moe", "--quick", "--engines", "moekit", "dense", "--threads", "1",
+               "--batch-sizes", "2", "--skip-beta", "0.9", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert "--skip-beta 0.9" in data["command"]
+    by = {r["engine"]: r for r in data["results"]}
+    assert 0 < by["moekit"]["skip_flops_saved"] < 0.5  # top-2: the top expert is never skipped
+    assert "skip_flops_saved" not in by["dense"]
+    with pytest.raises(MoekitError, match="skip-beta"):
+        bench_cli("tiny-moe", skip_beta=1.5, out=tmp_path / "x")
+
+
 def test_bench_cli_rejects_unknown_engine(tmp_path):
     with pytest.raises(MoekitError, match="unknown engine"):
         from moekit.bench.cli import bench_cli

@@ -169,7 +169,7 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
               rounds: int = 1, rejudge: Path | None = None,
               precision: Literal["auto", "bf16", "fp32"] = "auto", cost_lambda: float | None = None,
               cost_budget: float | None = None, dynamic_k: float | None = None, cost_source: str | None = None,
-              route_top_k: int | None = None, ep: int = 1) -> int:
+              route_top_k: int | None = None, skip_beta: float = 0.0, skip_alpha: float = 0.0, ep: int = 1) -> int:
     """Benchmark generation speed against the dense equivalent, transformers and llama.cpp.
 
     Prefill tokens/s, time to first token, decode tokens/s, per-token latency p50/p99 (the maximum
@@ -207,6 +207,10 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
         dynamic_k: moekit engines: dynamic-k top-p threshold.
         cost_source: expert costs for the options above: flops (default) or comma-separated numbers.
         route_top_k: moekit engines run up to this many experts per token instead of the model's top_k.
+        skip_beta: moekit engines skip (NAEE) a token's non-top expert whose weight is below beta x its
+            top weight; results then carry the share of routed-expert FLOPs skipped (docs/memory.md).
+        skip_alpha: moekit engines skip (PESF, prefill only) experts picked fewer than alpha x the
+            uniform share within a sequence.
         ep: expert-parallel engine over this many processes (`torchrun --nproc-per-node N -m moekit bench
             MODEL --ep N`): tokens/s and the all-to-all share of each step, next to one process on rank 0
             (engines: moekit-epN and moekit).
@@ -245,6 +249,11 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
     routing = {k: v for k, v in {"cost_lambda": cost_lambda, "cost_budget": cost_budget, "dynamic_k": dynamic_k,
                                  "cost_source": cost_source, "route_top_k": route_top_k}.items() if v is not None}
     command += "".join(f" --{k.replace('_', '-')} {v}" for k, v in routing.items())
+    if not (0.0 <= skip_beta <= 1.0 and skip_alpha >= 0.0):
+        raise MoekitError(f"--skip-beta must be in [0, 1] (a fraction of the top weight) and --skip-alpha >= 0 "
+                          f"(a fraction of the uniform share); got {skip_beta}, {skip_alpha}")
+    skip = {k: v for k, v in {"beta": skip_beta, "alpha": skip_alpha}.items() if v}
+    command += "".join(f" --skip-{k} {v}" for k, v in skip.items())
 
     from rich.console import Console
 
@@ -288,7 +297,7 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
                 spec = {"engine": eng, "path": paths[eng], "dtype": dtype, "precision": precision,
                         "threads": threads, "seed": seed,
                         "batch_sizes": [b], "prompt_lens": [p], "new_tokens": new_tokens, "max_prefill_tokens": 0,
-                        "routing": routing}
+                        "routing": routing, "skip": skip}
                 (tmp / "spec.json").write_text(json.dumps(spec))
                 res_path = tmp / f"{eng}.json"
                 res_path.unlink(missing_ok=True)

@@ -50,8 +50,19 @@ def run_moekit(model, batch: int, prompt: int, new_tokens: int, seed: int, preci
 
     eng = Engine(model, max_batch_size=batch, precision=precision)
     ids = _prompts(model.config.vocab_size, batch, prompt, seed).tolist()
+    skipping = any(getattr(layer, "skip", None) is not None for layer in model.moe_layers())
+    if skipping:
+        from moekit.memory.skip import skip_stats
+
+        before = skip_stats(model)
     eng.generate(ids, SamplingParams(max_new_tokens=new_tokens + 1), time_steps=True)
-    return _result(batch, prompt, eng.stats.prefill_s, eng.stats.step_s)
+    res = _result(batch, prompt, eng.stats.prefill_s, eng.stats.step_s)
+    if skipping:  # NAEE / PESF: the share of routed-expert FLOPs this run skipped
+        after = skip_stats(model)
+        d = {k: after[k] - before[k] for k in ("assignments", "skipped", "assignments_prefill", "skipped_prefill")}
+        res["skip_flops_saved"] = d["skipped"] / max(d["assignments"], 1)
+        res["skip_flops_saved_prefill"] = d["skipped_prefill"] / max(d["assignments_prefill"], 1)
+    return res
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -166,6 +177,10 @@ def _load(spec: dict):
                 if moekit.pack_experts(model) == 0:
                     raise RuntimeError("moekit-packed: no expert weights were packed (no MoE layer, or the "
                                        "packed kernel cannot take this model/dtype/build)")
+        if eng != "dense" and spec.get("skip"):  # NAEE / PESF expert skipping (moekit.memory.skip)
+            from moekit.memory.skip import set_skipping
+
+            set_skipping(model, **spec["skip"])
         if eng != "dense" and spec.get("routing"):  # cost-aware routing options (moekit.moe.cost)
             from moekit.moe.cost import apply_cli
 
