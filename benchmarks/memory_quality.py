@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moekit  # noqa: E402
 from moekit.data import load_prepared  # noqa: E402
 from moekit.memory import calibrate, choose_experts, clear_skipping, prune_model, set_skipping, skip_stats  # noqa: E402
+from moekit.memory.prune import allocate_experts  # noqa: E402
 from moekit.train.evaluate import evaluate_split, resolve_checkpoint  # noqa: E402
 
 
@@ -69,6 +70,9 @@ def main() -> int:
     ap.add_argument("--prefill-len", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--criteria", nargs="+", default=["frequency", "reap", "random", "reap-budget"],
+                    help="pruning criteria; reap-budget = REAP with --per-layer-budget (same total kept)")
+    ap.add_argument("--only-prune", action="store_true", help="skip the NAEE / PESF measurements")
     ap.add_argument("--out", default="benchmarks/results/memory_quality")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -85,13 +89,23 @@ def main() -> int:
     stats = calibrate(model, data.dataset("train").tokens[: a.calib_tokens + 1], seq_len=256)
     keeps = a.keep or list(range(E - 1, K - 1, -1))
     res["prune"] = {}
-    for crit in ("frequency", "reap", "random"):
+    res["kept_per_layer"] = {}
+    for crit in a.criteria:
         res["prune"][crit] = {}
         for n in keeps:
-            chosen = choose_experts(stats, n, crit, E, len(stats.layers), seed=0)
+            if crit == "reap-budget":
+                chosen = allocate_experts(stats, n, "reap", K)
+                res["kept_per_layer"][n] = [len(k) for k in chosen]
+            else:
+                chosen = choose_experts(stats, n, crit, E, len(stats.layers), seed=0)
             v = bpb(prune_model(model, chosen), data, a.split, a.eval_tokens)
             res["prune"][crit][n] = v
             print(f"prune {crit:9s} keep {n}/{E}: bpb {v:.4f}", flush=True)
+    if a.only_prune:
+        res["naee"], res["pesf"], res["prefill_ms"] = {}, {}, {}
+        res["seconds"] = time.time() - t0
+        write(res, Path(a.out))
+        return 0
     # 2. NAEE
     res["naee"] = {}
     for beta in a.betas:
@@ -143,6 +157,9 @@ def write(res: dict, out: Path) -> None:
     lines += [f"| {al} | {v['flops_saved_prefill']:.3f} | {v['bpb']:.4f} | {v['prefill_speedup_vs_auto']:.2f}x | "
               f"{v['prefill_speedup_vs_noop']:.2f}x |" for al, v in res["pesf"].items()]
     lines += ["", "Prefill ms (median): " + ", ".join(f"{k} {v:.1f}" for k, v in res["prefill_ms"].items())]
+    if res.get("kept_per_layer"):
+        lines += ["", "reap-budget experts kept per MoE layer: " + "; ".join(
+            f"{n}: {v}" for n, v in res["kept_per_layer"].items())]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     for c, vals in res["prune"].items():
@@ -153,6 +170,11 @@ def write(res: dict, out: Path) -> None:
     ax[0].set_ylabel("bpb")
     ax[0].legend()
     ax[0].set_title("pruning criteria")
+    if not res["naee"]:
+        ax[1].set_visible(False)
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=110)
+        return
     fs = [v["flops_saved"] for v in res["naee"].values()]
     ax[1].plot([0] + fs, [res["base_bpb"]] + [v["bpb"] for v in res["naee"].values()], marker="o", label="NAEE (beta)")
     ax[1].plot([0] + [v["flops_saved_prefill"] for v in res["pesf"].values()],

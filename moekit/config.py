@@ -266,6 +266,9 @@ class ModelConfig:
     """Layer i is MoE when (i + 1) % moe_every == 0 (Qwen `decoder_sparse_step`, Llama 4 interleave)."""
     dense_layers: list[int] = field(default_factory=list)
     """Explicit dense layers (Qwen `mlp_only_layers`)."""
+    moe_layer_experts: list[int] = field(default_factory=list)
+    """Routed experts of each MoE layer, in layer order, where they differ (`moekit prune
+    --per-layer-budget`); empty = moe.num_experts in every layer, which is then their maximum."""
     init_std: float = 0.02
     source: str = ""
     """Where the numbers come from (e.g. the HF config.json a preset copies)."""
@@ -296,6 +299,17 @@ class ModelConfig:
     @property
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
+    def layer_moe(self, i: int) -> MoEConfig:
+        """The MoE config of block i: `moe`, with that layer's own expert count when the counts differ."""
+        if not self.moe_layer_experts:
+            return self.moe
+        n = self.moe_layer_experts[self.moe_layers.index(i)]
+        return self.moe if n == self.moe.num_experts else dataclasses.replace(self.moe, num_experts=n)
+
+    def experts_per_layer(self) -> list[int]:
+        """Routed experts of every MoE layer, in order."""
+        return list(self.moe_layer_experts) or [self.moe.num_experts] * len(self.moe_layers) if self.moe else []
 
     @property
     def is_moe(self) -> bool:
@@ -341,6 +355,17 @@ class ModelConfig:
             _fail("first_k_dense", f"must be in 0..n_layers={self.n_layers}, got {self.first_k_dense}")
         if self.moe is not None:
             self.moe.validate()
+        if self.moe_layer_experts:
+            n_moe = len(self.moe_layers)
+            if len(self.moe_layer_experts) != n_moe:
+                _fail("moe_layer_experts", f"gives {len(self.moe_layer_experts)} counts for {n_moe} MoE layers")
+            bad = [n for n in self.moe_layer_experts if not self.moe.top_k <= n <= self.moe.num_experts]
+            if bad:
+                _fail("moe_layer_experts", f"counts {bad} are outside top_k={self.moe.top_k}..moe.num_experts="
+                      f"{self.moe.num_experts}")
+            if self.moe.expert_dims or self.moe.cost_vector or self.moe.n_group > 1:
+                _fail("moe_layer_experts", "per-layer expert counts do not combine with per-expert widths/costs "
+                      "(moe.expert_dims, moe.cost_vector) or group-limited routing")
 
     # --------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -79,15 +79,23 @@ def _masked_forward(model, x, keep):
             r.forward = orig
 
 
-@settings(max_examples=8, deadline=None)
-@given(kind=st.sampled_from(["mixtral", "qwen", "sigmoid"]), seed=st.integers(0, 10_000), n_keep=st.integers(2, 7))
-def test_pruned_equals_masked_routing(kind, seed, n_keep):
+@settings(max_examples=10, deadline=None)
+@given(kind=st.sampled_from(["mixtral", "qwen", "sigmoid"]), seed=st.integers(0, 10_000), n_keep=st.integers(2, 7),
+       per_layer=st.booleans())
+def test_pruned_equals_masked_routing(kind, seed, n_keep, per_layer):
+    """Uniform or per-layer counts: the pruned model equals the original with the pruned experts
+    masked out of routing."""
     m = _model(kind)
     E = m.config.moe.num_experts
     g = torch.Generator().manual_seed(seed)
-    keep = [sorted(torch.randperm(E, generator=g)[:n_keep].tolist()) for _ in m.moe_layers()]
+    counts = [n_keep] * len(m.moe_layers())
+    if per_layer:
+        counts = [int(torch.randint(2, E + 1, (1,), generator=g)) for _ in m.moe_layers()]
+    keep = [sorted(torch.randperm(E, generator=g)[:n].tolist()) for n in counts]
     p = prune_model(m, keep)
-    assert p.config.moe.num_experts == n_keep
+    assert [layer.experts.num_experts for layer in p.moe_layers()] == counts
+    assert p.config.moe.num_experts == max(counts)
+    assert p.config.moe_layer_experts == ([] if len(set(counts)) == 1 else counts)
     x = _ids(m.config.vocab_size, seed=seed)
     with torch.no_grad():
         torch.testing.assert_close(p(x).logits, _masked_forward(m, x, keep), rtol=1e-5, atol=1e-5)
@@ -102,6 +110,52 @@ def test_pruned_model_saves_and_loads(tmp_path):
     assert q.moe_layers()[0].router.score_bias.shape == (4,)
     x = _ids(m.config.vocab_size)
     torch.testing.assert_close(q(x).logits, p(x).logits, rtol=0, atol=0)
+
+
+def test_per_layer_counts_save_load_and_refuse_hf_gguf_export(tmp_path):
+    from moekit.checkpoint.gguf_export import export_gguf
+    from moekit.checkpoint.hf_export import export_hf
+    from moekit.checkpoint.native import CheckpointError
+    from moekit.model.params import count_params
+
+    m = _model("sigmoid")
+    p = prune_model(m, [[0, 2, 5, 7], [1, 3, 4, 5, 6, 7]][: len(m.moe_layers())])
+    moekit.save_model(p, tmp_path / "p")
+    q = moekit.load_model(tmp_path / "p")
+    assert q.config.moe_layer_experts == [4, 6] and q.moe_layers()[0].router.score_bias.shape == (4,)
+    assert count_params(q.config).total_params == sum(t.numel() for t in q.parameters())
+    x = _ids(m.config.vocab_size)
+    torch.testing.assert_close(q(x).logits, p(x).logits, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="per layer"):
+        export_hf(q, tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="per layer"):
+        export_gguf(q, tmp_path / "g.gguf")
+    with pytest.raises(moekit.ConfigError, match="moe_layer_experts"):
+        dataclasses.replace(q.config, moe_layer_experts=[1, 8])  # below top_k
+
+
+def test_per_layer_budget_follows_the_saliency_share():
+    """Same total as uniform, at least top_k per layer; a layer whose saliency is spread evenly keeps
+    more experts than one where two experts carry it."""
+    from types import SimpleNamespace
+
+    from moekit.memory.prune import allocate_experts
+
+    flat = [1.0] * 8
+    peaked = [10.0, 9.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+    stats = SimpleNamespace(criterion=lambda c: [peaked, flat])
+    keep = allocate_experts(stats, 5, "reap", 2)
+    assert sum(map(len, keep)) == 10 and all(len(k) >= 2 for k in keep)
+    assert keep[0] == [0, 1] and len(keep[1]) == 8
+    stats = SimpleNamespace(criterion=lambda c: [flat, flat])
+    assert [len(k) for k in allocate_experts(stats, 5, "reap", 2)] == [5, 5]
+    m = _model("mixtral")  # real statistics: a valid keep list for prune_model
+    st_ = calibrate(m, torch.randint(0, m.config.vocab_size, (600,), generator=torch.Generator().manual_seed(0)),
+                    seq_len=64)
+    keep = allocate_experts(st_, 5, "reap", m.config.moe.top_k)
+    assert sum(map(len, keep)) == 5 * len(m.moe_layers())
+    p = prune_model(m, keep)
+    assert [layer.experts.num_experts for layer in p.moe_layers()] == [len(k) for k in keep]
 
 
 def test_criteria_pick_by_their_statistic():
@@ -138,3 +192,5 @@ def test_prune_cli(tmp_path, monkeypatch):
     assert rep["kept"] == 5 and len(rep["keep"]) == len(m.moe_layers())
     assert main(["prune", str(tmp_path / "m"), str(tmp_path / "r2"), "--keep", "5", "--criterion", "reap"]) == 2
     assert main(["prune", str(tmp_path / "m"), str(tmp_path / "r3"), "--keep", "1", "--criterion", "random"]) == 2
+    assert main(["prune", str(tmp_path / "m"), str(tmp_path / "r4"), "--keep", "5", "--criterion", "random",
+                 "--per-layer-budget"]) == 2

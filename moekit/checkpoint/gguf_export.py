@@ -43,6 +43,9 @@ def gguf_arch(cfg: ModelConfig) -> str:
     if cfg.qk_norm and cfg.qk_norm_full:
         raise no("normalises the whole q/k projection (OLMoE)")
     m = cfg.moe
+    if cfg.moe_layer_experts:
+        raise no("has a different expert count per layer (pruned with --per-layer-budget); GGUF has one "
+                 "expert_count", "prune with the same count in every layer to export")
     if m is not None:
         if any(not cfg.is_moe_layer(i) for i in range(cfg.n_layers)):
             raise no("mixes dense and MoE layers")

@@ -87,6 +87,10 @@ def export_hf(model, out: str | Path, arch: str | None = None, dtype: torch.dtyp
     # 3. shards (+ index) written atomically, config last; 4. tokenizer.json if present.
     out = Path(out)
     cfg = model.config
+    if cfg.moe_layer_experts:
+        raise CheckpointError("this model has a different expert count per layer (moekit prune --per-layer-budget); "
+                              "Hugging Face MoE configs have one num_experts: keep it in moekit's format, or prune "
+                              "with the same count in every layer to export")
     a, hf_cfg = choose_architecture(cfg, arch)
     q = getattr(model, "quant_config", None)
     if q is not None:

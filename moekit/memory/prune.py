@@ -8,9 +8,11 @@ The result is an ordinary moekit model with `moe.num_experts = N`: it saves, loa
 quantizes and benchmarks like any other. Routing over the kept experts equals the original routing
 with the pruned experts' logits set to -inf (tested).
 
-ModelConfig has a single MoEConfig for all layers, so every layer keeps the same number of experts;
-`--per-layer-budget` (more pruning where saliency is flat) would need per-layer expert counts in the
-config and is refused with that explanation.
+`--per-layer-budget` keeps the same total (N x layers) but lets the counts differ: every layer keeps
+at least top_k, and the rest of the budget goes to the experts with the largest share of their own
+layer's total saliency, so the pruning minimises the summed share of saliency removed. A layer whose
+saliency is spread evenly over its experts keeps more of them than one where a few experts carry it
+and the tail is near zero. The counts land in `ModelConfig.moe_layer_experts`.
 """
 
 from __future__ import annotations
@@ -61,9 +63,30 @@ def choose_experts(stats: ExpertStats | None, keep: int, criterion: str, num_exp
     return out
 
 
+def allocate_experts(stats: ExpertStats, keep: int, criterion: str, top_k: int) -> list[list[int]]:
+    """Per-layer budget: sorted ids kept per MoE layer, `keep` x layers in total, at least top_k per
+    layer, the rest by the largest share of the layer's summed `criterion` score (greedy, which is
+    optimal for the summed share removed: within a layer the shares are taken in descending order)."""
+    per = stats.criterion(criterion)
+    kept, cand = [], []
+    for li, sc in enumerate(per):
+        order = sorted(range(len(sc)), key=lambda e: (-sc[e], e))
+        if keep > len(sc):
+            raise MoekitError(f"cannot keep {keep} experts per layer on average: layer {li} has {len(sc)}")
+        tot = float(sum(sc)) or 1.0
+        kept.append(order[:top_k])
+        cand += [(sc[e] / tot, r, li, e) for r, e in enumerate(order[top_k:])]
+    # Equal shares go round-robin (lower rank within its layer first), not all to the first layer.
+    cand.sort(key=lambda t: (-t[0], t[1], t[2], t[3]))
+    for _, _, li, e in cand[: (keep - top_k) * len(per)]:
+        kept[li].append(e)
+    return [sorted(k) for k in kept]
+
+
 @torch.no_grad()
 def prune_model(model, keep: list[list[int]]):
-    """A new model keeping, in MoE layer i (in order), only the experts `keep[i]` (same count per layer)."""
+    """A new model keeping, in MoE layer i (in order), only the experts `keep[i]`; when the counts
+    differ they go to `config.moe_layer_experts` (moe.num_experts becomes the largest)."""
     # Plan: 1. check the request; 2. config with the new expert count; 3. slice the state dict
     # (expert stacks, router rows, correction bias); 4. load it into a model built on meta.
     from moekit.model.transformer import Transformer
@@ -73,25 +96,26 @@ def prune_model(model, keep: list[list[int]]):
     blocks = [i for i, b in enumerate(model.layers) if b.is_moe]
     if len(keep) != len(blocks):
         raise MoekitError(f"keep lists for {len(keep)} MoE layers, the model has {len(blocks)}")
-    counts = {len(k) for k in keep}
-    if len(counts) != 1:
-        raise MoekitError("every MoE layer must keep the same number of experts (the config has one num_experts)")
-    n = counts.pop()
-    E = cfg.moe.num_experts
-    for k in keep:
+    counts = [len(k) for k in keep]
+    Es = cfg.experts_per_layer()
+    for k, E in zip(keep, Es):
         if len(set(k)) != len(k) or not all(0 <= e < E for e in k):
             raise MoekitError(f"bad expert ids {k}: need distinct ids in [0, {E})")
-    if cfg.moe.n_group > 1 and n != E:
+    n, uniform = max(counts), len(set(counts)) == 1
+    changed = any(c != E for c, E in zip(counts, Es))
+    if cfg.moe.n_group > 1 and changed:
         raise MoekitError(f"group-limited routing (n_group={cfg.moe.n_group}) ties experts to groups; "
                           "pruning such models is not supported")
-    if (cfg.moe.expert_dims or cfg.moe.cost_vector) and n != E:
+    if (cfg.moe.expert_dims or cfg.moe.cost_vector) and changed:
         raise MoekitError("the config holds one width/cost per expert (moe.expert_dims / moe.cost_vector), shared by "
                           "every layer; pruning such models is not supported")
+    if cfg.moe.router == "soft" and not uniform:
+        raise MoekitError("a soft router runs every expert (top_k = num_experts): keep the same count in every layer")
     if cfg.moe.router == "soft":
         moe_cfg = cfg.moe.__class__(**{**cfg.moe.__dict__, "num_experts": n, "top_k": n})
     else:
         moe_cfg = cfg.moe.__class__(**{**cfg.moe.__dict__, "num_experts": n})
-    new_cfg = cfg.replace(moe=moe_cfg)
+    new_cfg = cfg.replace(moe=moe_cfg, moe_layer_experts=[] if uniform else counts)
     sd = model.state_dict()
     for li, b in enumerate(blocks):
         idx = torch.tensor(keep[li], dtype=torch.int64)
@@ -128,7 +152,8 @@ def prune_cli(model: str, out: Path, keep: int | None = None, keep_frac: float |
         calib_split: split used for calibration (train keeps val/test untouched).
         calib_tokens: calibration tokens.
         seq_len: calibration window length.
-        per_layer_budget: prune more where saliency is flat (needs per-layer expert counts; refused).
+        per_layer_budget: the same total kept, counts per layer by saliency share (at least top_k each;
+            see the module docstring); needs a saliency criterion and --calib.
         seed: seed of the random criterion.
         threads: torch CPU threads (0 = torch's default).
     """
@@ -137,9 +162,9 @@ def prune_cli(model: str, out: Path, keep: int | None = None, keep_frac: float |
 
     if threads:
         torch.set_num_threads(threads)
-    if per_layer_budget:
-        raise MoekitError("--per-layer-budget needs a different expert count per layer, but ModelConfig has one "
-                          "moe.num_experts for all layers; prune uniformly (drop --per-layer-budget)")
+    if per_layer_budget and criterion == "random":
+        raise MoekitError("--per-layer-budget shares the budget by saliency: use --criterion reap, frequency or "
+                          "gate_mass with --calib")
     src = resolve_checkpoint(model)
     import moekit
 
@@ -157,16 +182,25 @@ def prune_cli(model: str, out: Path, keep: int | None = None, keep_frac: float |
         stats = calibrate(m, toks, seq_len=seq_len)
     elif criterion != "random":
         raise MoekitError(f"--criterion {criterion} needs --calib DATA (a prepared data directory)")
-    chosen = choose_experts(stats, n, criterion, cfg.moe.num_experts, len(cfg.moe_layers), seed)
+    if per_layer_budget:
+        if cfg.moe_layer_experts:
+            raise MoekitError(f"{src} already has per-layer expert counts; --keep applies to a uniform model")
+        chosen = allocate_experts(stats, n, criterion, cfg.moe.top_k)
+    else:
+        if cfg.moe_layer_experts:
+            raise MoekitError(f"{src} has per-layer expert counts {cfg.moe_layer_experts}; prune the original model")
+        chosen = choose_experts(stats, n, criterion, cfg.moe.num_experts, len(cfg.moe_layers), seed)
     pruned = prune_model(m, chosen)
     save_model(pruned, out, dtype=next(m.parameters()).dtype)
     if (src / "tokenizer.json").is_file():
         shutil.copyfile(src / "tokenizer.json", Path(out) / "tokenizer.json")
     report = {"source": str(src), "criterion": criterion, "num_experts": cfg.moe.num_experts, "kept": n,
+              "per_layer_budget": per_layer_budget, "kept_per_layer": [len(k) for k in chosen],
               "keep": chosen, "calib": calib, "calib_split": calib_split,
               "stats": stats.to_dict() if stats is not None else None}
     atomic_write_text(Path(out) / "prune_stats.json", json.dumps(report, indent=1))
     if stats is not None:
         atomic_write(Path(out) / "prune_stats.png", lambda tmp: plot_stats(stats, tmp, chosen))
-    print(f"pruned {src} -> {out}: {n}/{cfg.moe.num_experts} experts per layer by {criterion}; kept {chosen}")
+    per = f"{[len(k) for k in chosen]} (budget {n} per layer on average)" if per_layer_budget else f"{n}"
+    print(f"pruned {src} -> {out}: {per}/{cfg.moe.num_experts} experts per layer by {criterion}; kept {chosen}")
     return 0

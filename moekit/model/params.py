@@ -115,10 +115,13 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     n_moe = len(cfg.moe_layers)
     total["dense_ffn"] = (cfg.n_layers - n_moe) * ffn_params(cfg.dim, cfg.ffn_dim)
     if m is not None and n_moe:
-        total["router"] = n_moe * router_params(cfg.dim, m)
+        total["router"] = sum(router_params(cfg.dim, cfg.layer_moe(i)) for i in cfg.moe_layers)
         # Real (unpadded) widths: heterogeneous experts are stored padded to expert_dim with zeros.
         per_layer = sum(ffn_params(cfg.dim, w, m.expert_act, m.expert_bias) for w in _widths(m))
         total["routed_experts"] = n_moe * per_layer
+        if cfg.moe_layer_experts:  # pruned per layer: equal widths, a count per layer
+            total["routed_experts"] = sum(cfg.moe_layer_experts) * ffn_params(cfg.dim, m.expert_dim, m.expert_act,
+                                                                              m.expert_bias)
         if m.num_shared_experts:
             shared = ffn_params(cfg.dim, m.shared_expert_dim, m.expert_act) + (cfg.dim if m.shared_expert_gate else 0)
             total["shared_experts"] = n_moe * shared

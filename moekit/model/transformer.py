@@ -48,7 +48,7 @@ class Block(nn.Module):
             self.attn = Attention(cfg, idx)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(idx)
-        self.ffn = MoELayer(cfg.dim, cfg.moe) if self.is_moe else DenseFFN(cfg.dim, cfg.ffn_dim)
+        self.ffn = MoELayer(cfg.dim, cfg.layer_moe(idx)) if self.is_moe else DenseFFN(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x, cos, sin, pos, cache, mask, seen, return_ids):
         x = x + self.attn(self.attn_norm(x), cos, sin, pos, cache, mask, seen)
