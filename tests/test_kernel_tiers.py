@@ -179,3 +179,41 @@ def test_row_thresholds_per_tier(monkeypatch):
     monkeypatch.setenv("MOEKIT_KERNEL_MAX_ROWS", "3")
     assert kernels.max_rows(torch.bfloat16) == 3 == kernels.max_linear_rows(torch.float32)
     assert kernels.max_rows(torch.float32, torch.bfloat16) == 3
+
+
+def gil_free_increments(call, n: int = 5) -> int:
+    """How far a spinning Python thread gets during `n` calls. The switch interval is 1 s and the
+    spinner has just held the GIL for it, so the main thread holds the GIL with a fresh 1-s timer:
+    the spinner can only run while a call has released the GIL (0 otherwise)."""
+    import sys
+    import threading
+    import time
+
+    count, stop = [0], threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            count[0] += 1
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    t = threading.Thread(target=spin)
+    try:
+        t.start()
+        time.sleep(0)  # hand the GIL to the spinner; we get it back after its 1-s turn
+        before = count[0]
+        for _ in range(n):
+            call()
+        return count[0] - before
+    finally:
+        sys.setswitchinterval(old)
+        stop.set()
+        t.join()
+
+
+def test_kernels_release_the_gil(kernel_tier):
+    """A kernel call lets other Python threads run (the offload prefetch thread, the server's loop)."""
+    kernels.load()
+    x, w = torch.randn(8, 2048), torch.randn(8192, 2048)
+    kernels.linear(x, w)  # warm
+    assert gil_free_increments(lambda: kernels.linear(x, w)) > 1000

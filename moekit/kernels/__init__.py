@@ -268,8 +268,17 @@ def build(tier: str, name: str | None = None, src_dir: str | Path | None = None,
     _clear_stale_lock(build_dir / "lock")
     # simd.h includes torch/extension.h itself: without load_inline's implicit copy on top, a
     # broken first line stops the compiler before the torch headers (the build-failure test).
-    return load_inline(name, cpp_sources=[src], functions=FUNCTIONS, no_implicit_headers=True,
+    return load_inline(name, cpp_sources=[src + _bindings()], no_implicit_headers=True,
                        extra_cflags=cflags, verbose=False, build_directory=str(build_dir))
+
+
+def _bindings() -> str:
+    """The module's Python bindings, each releasing the GIL while it runs (as ATen's own ops do): the
+    kernels touch no Python object, and a held GIL stops every other thread for the whole call: the
+    expert-offload prefetch thread (which could not start its reads while a decode step ran), the
+    server's HTTP loop."""
+    defs = "\n".join(f'  m.def("{f}", torch::wrap_pybind_function_no_gil({f}), "{f}");' for f in FUNCTIONS)
+    return f"\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{\n{defs}\n}}\n"
 
 
 STALE_LOCK_S = 1800
