@@ -309,7 +309,9 @@ class ModelConfig:
 
     def experts_per_layer(self) -> list[int]:
         """Routed experts of every MoE layer, in order."""
-        return list(self.moe_layer_experts) or [self.moe.num_experts] * len(self.moe_layers) if self.moe else []
+        if self.moe is None:
+            return []
+        return list(self.moe_layer_experts) or [self.moe.num_experts] * len(self.moe_layers)
 
     @property
     def is_moe(self) -> bool:
