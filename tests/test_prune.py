@@ -132,6 +132,10 @@ def test_per_layer_counts_save_load_and_refuse_hf_gguf_export(tmp_path):
         export_gguf(q, tmp_path / "g.gguf")
     with pytest.raises(moekit.ConfigError, match="moe_layer_experts"):
         dataclasses.replace(q.config, moe_layer_experts=[1, 8])  # below top_k
+    from moekit.plan.spec import dense_same_total
+
+    assert not moekit.dense_equivalent(q.config).is_moe  # `info` / `bench` build it
+    assert not dense_same_total(q.config).is_moe
 
 
 def test_per_layer_budget_follows_the_saliency_share():

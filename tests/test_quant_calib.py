@@ -100,6 +100,18 @@ def test_gptq_and_router_calibration_need_calibration_data():
         quantize_model(m, "int8", 32, method="gptq")
 
 
+def test_quantize_without_report_data_writes_the_model_and_says_so(tmp_path, capsys):
+    """RTN needs no data; the default report corpus missing is a note, not a failure after the work."""
+    from moekit.cli import main
+
+    save_model(build_model(tiny_cfg(), seed=0), tmp_path / "orig")
+    rc = main(["quantize", str(tmp_path / "orig"), str(tmp_path / "q"), "--scheme", "int8",
+               "--data-dir", str(tmp_path / "no-data")])
+    assert rc == 0 and (tmp_path / "q" / "config.json").is_file()
+    assert not (tmp_path / "q" / "quant_report.json").exists()
+    assert "no quantization report" in capsys.readouterr().err
+
+
 def test_quantize_and_report_commands_end_to_end(tmp_path):
     from moekit.cli import main
     from moekit.quant.cli import quant_report_cli

@@ -161,7 +161,7 @@ def dense_equivalent(cfg: ModelConfig) -> ModelConfig:
     total_ffn = n_moe * active_ffn + n_dense * 3 * cfg.dim * cfg.ffn_dim + hypermoe.generator_params(cfg.dim, n_moe, m)
     width = round(total_ffn / (cfg.n_layers * 3 * cfg.dim))
     return cfg.replace(name=f"{cfg.name}-dense", moe=None, ffn_dim=max(1, width), first_k_dense=0, dense_layers=[],
-                       moe_every=1)
+                       moe_every=1, moe_layer_experts=[])
 
 
 DTYPE_BITS = {"fp32": 32.0, "bf16": 16.0, "fp16": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 4.0}

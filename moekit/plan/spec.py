@@ -186,7 +186,7 @@ def matmul_params(cfg: ModelConfig) -> int:
         if cfg.attn_bias:
             n -= cfg.n_layers * (q_out + 2 * kv_out)
     if cfg.moe is not None and cfg.moe.router_bias:
-        n -= len(cfg.moe_layers) * cfg.moe.num_experts
+        n -= sum(cfg.experts_per_layer())
     # HyperMoE's generator is not one matmul per token (see `hypermoe_flops`): counted on its own.
     return n - pc.active.get("hypernetwork", 0)
 
@@ -263,4 +263,4 @@ def dense_same_total(cfg: ModelConfig) -> ModelConfig:
     ffn = sum(pc.total[c] for c in ("router", "routed_experts", "shared_experts", "dense_ffn"))
     width = max(1, round(ffn / (cfg.n_layers * 3 * cfg.dim)))
     return cfg.replace(name=f"{cfg.name}-dense-total", moe=None, ffn_dim=width, first_k_dense=0, dense_layers=[],
-                       moe_every=1)
+                       moe_every=1, moe_layer_experts=[])

@@ -187,9 +187,15 @@ def quantize_cli(model: str, out: str, scheme: Literal["int8", "int4", "mxfp4", 
         print(f"wrote {export_quantized_gguf(q, out)}", file=sys.stderr)
     print(f"quantized {model} -> {out}: {q.quant_config.scheme} ({method}) in {rep['time_s']:.1f} s, "
           f"{_file_bytes(out) / 1e6:.2f} MB", file=sys.stderr)
+    rdata = report_data or (calib if calib is not None and _prepared(calib, data_dir) is not None else
+                            str(Path(data_dir) / "en-prose-bpe8192"))
+    if report and report_data is None and _prepared(rdata, data_dir) is None:
+        # The default report corpus is not here: the quantized model is written, so say how to get
+        # the report instead of failing after the work is done.
+        print(f"no quantization report: {rdata} is not a prepared corpus (run `moekit data prepare en-prose "
+              f"--data-dir {data_dir}`, then `moekit quant-report {model} {out} --data {rdata}`)", file=sys.stderr)
+        report = False
     if report:
-        rdata = report_data or (calib if calib is not None and _prepared(calib, data_dir) is not None else
-                                str(Path(data_dir) / "en-prose-bpe8192"))
         r = run_report(model, out, data=rdata, max_tokens=report_tokens, seq_len=seq_len, quant_model=q)
         print(Path(out) / f"{REPORT_STEM}.md")
         print(json.dumps({k: r["main"].get(k) for k in ("bpb_orig", "bpb_quant", "bpb_delta_pct", "kl",
