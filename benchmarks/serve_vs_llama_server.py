@@ -51,7 +51,8 @@ def export(preset: str, dtype: str, seed: int, work: Path) -> Path:
 
 def server_cmd(engine: str, a, gguf: Path, port: int) -> list[str]:
     if engine == "moekit":
-        return [sys.executable, "-m", "moekit", "serve", str(gguf), "--port", str(port), "--threads", str(a.threads),
+        return [sys.executable, "-m", "moekit", "serve", str(gguf), "--port", str(port),
+                "--threads", str(a.moekit_threads or a.threads),
                 "--max-num-seqs", str(a.slots), "--max-model-len", str(a.ctx), "--served-model-name", "m",
                 "--max-num-batched-tokens", str(a.batched_tokens), "--log-level", "warning"]
     return [a.llama_server, "-m", str(gguf), "--port", str(port), "-t", str(a.threads), "-tb", str(a.threads),
@@ -86,7 +87,7 @@ def markdown(res: dict) -> str:
     a = res["args"]
     rows = [f"# moekit serve vs llama-server, same GGUF ({res['model']})", "",
             f"Machine: {res['machine']}. {a['rounds']} rounds, engines alternating; {a['slots']} slots, "
-            f"{a['threads']} threads, {a['input_words']} prompt tokens (random ids), {a['max_tokens']} output tokens, "
+            f"{a['threads']} threads (moekit {a.get('moekit_threads') or a['threads']}), {a['input_words']} prompt tokens (random ids), {a['max_tokens']} output tokens, "
             f"{a['prompts_per_client']} requests per client. Values: median over rounds (min-max); "
             "ratio = moekit / llama-server paired within a round (for latencies llama-server / moekit, so > 1 "
             "means moekit is better).", "",
@@ -113,6 +114,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--moekit-threads", type=int, default=0,
+                    help="moekit's compute threads when they should differ from --threads (its own default keeps a "
+                         "core for the HTTP loop)")
     ap.add_argument("--ctx", type=int, default=512, help="context per slot (tokens)")
     ap.add_argument("--batched-tokens", type=int, default=512, help="tokens per scheduler step / llama.cpp -b")
     ap.add_argument("--input-words", type=int, default=64)
