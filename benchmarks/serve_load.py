@@ -17,45 +17,22 @@ import argparse
 import dataclasses
 import json
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moekit.checkpoint.native import atomic_write_text  # noqa: E402
+from moekit.serve.testing import server_process  # noqa: E402
 
 
-def start(model: Path, port: int, extra: list[str], log: Path) -> subprocess.Popen:
-    import httpx
-
-    f = open(log, "w")
-    p = subprocess.Popen([sys.executable, "-m", "moekit", "serve", str(model), "--port", str(port),
-                          "--log-level", "warning", *extra], stdout=f, stderr=subprocess.STDOUT)
-    t0 = time.time()
-    while time.time() - t0 < 300:
-        if p.poll() is not None:
-            raise SystemExit(f"moekit serve exited with {p.returncode}:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                return p
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    p.kill()
-    raise SystemExit("moekit serve did not become healthy in 300 s")
-
-
-def stop(p: subprocess.Popen) -> None:
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(60)
-    except subprocess.TimeoutExpired:
-        p.kill()
+def serve(model: Path, port: int, extra: list[str], log: Path):
+    """`moekit serve MODEL` as a subprocess, healthy, stopped with SIGTERM on exit."""
+    cmd = [sys.executable, "-m", "moekit", "serve", str(model), "--port", str(port), "--log-level", "warning", *extra]
+    return server_process(cmd, f"http://127.0.0.1:{port}", log, timeout=300)
 
 
 def bench(port: int, work: Path, name: str, data_dir: str, *args: str) -> dict:
@@ -103,8 +80,7 @@ def main() -> int:
         shutil.copyfile(tok, model / "tokenizer.json")
         common = ["--input-words", "48", "--max-tokens", "32"]
         # 2. defaults: sequential vs 32 clients, interleaved; then the bounded load
-        p = start(model, a.port, [], work / "server.log")
-        try:
+        with serve(model, a.port, [], work / "server.log"):
             seq, c32 = [], []
             for r in range(a.rounds):
                 seq.append(bench(a.port, work, f"seq{r}", a.data_dir, *common, "--num-prompts", "12",
@@ -118,8 +94,6 @@ def main() -> int:
                             "--num-prompts", "640", "--max-concurrency", "32", "--warmup", "0",
                             "--goodput", "ttft:5000", "tpot:200")
             after = metrics(a.port)
-        finally:
-            stop(p)
         ratios = [c["request_throughput"] / s["request_throughput"] for s, c in zip(seq, c32)]
         res["load"] = {"sequential": seq, "c32": c32, "throughput_ratio": ratios}
         delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
@@ -128,14 +102,11 @@ def main() -> int:
         pref = {"on": [], "off": []}
         for r in range(a.rounds):
             for setting in (("on", "off") if r % 2 == 0 else ("off", "on")):
-                p = start(model, a.port, ["--prefix-cache-tokens", "4096" if setting == "on" else "0"],
-                          work / f"server-prefix-{setting}.log")
-                try:
+                with serve(model, a.port, ["--prefix-cache-tokens", "4096" if setting == "on" else "0"],
+                           work / f"server-prefix-{setting}.log"):
                     pref[setting].append(bench(a.port, work, f"prefix-{setting}-{r}", a.data_dir,
                                                "--shared-prefix", "400", "--input-words", "16", "--max-tokens", "8",
                                                "--num-prompts", "10", "--max-concurrency", "1"))
-                finally:
-                    stop(p)
             print(f"round {r}: TTFT p50 prefix cache on {pref['on'][-1]['ttft_ms']['p50']:.1f} ms, "
                   f"off {pref['off'][-1]['ttft_ms']['p50']:.1f} ms", flush=True)
         res["prefix"] = {**pref, "ttft_p50_ratio": [off["ttft_ms"]["p50"] / on["ttft_ms"]["p50"]

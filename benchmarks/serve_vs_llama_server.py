@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moekit.checkpoint.native import atomic_write_text  # noqa: E402
+from moekit.serve.testing import server_process  # noqa: E402
 
 METRICS = (("request_throughput", "req/s", True), ("output_throughput", "output tok/s", True),
            ("ttft_p50", "TTFT p50 ms", False), ("ttft_p90", "TTFT p90 ms", False),
@@ -58,22 +56,6 @@ def server_cmd(engine: str, a, gguf: Path, port: int) -> list[str]:
     return [a.llama_server, "-m", str(gguf), "--port", str(port), "-t", str(a.threads), "-tb", str(a.threads),
             "-np", str(a.slots), "-c", str(a.slots * a.ctx), "-b", str(a.batched_tokens), "-cb", "--no-webui",
             "-a", "m", "--log-disable"]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    import httpx
-
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode} before it was healthy")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"server at {url} not healthy after {timeout:.0f} s")
 
 
 def summary(path: Path) -> dict:
@@ -137,17 +119,7 @@ def main() -> int:
         raw: dict = {}
         for r in range(a.rounds):
             for engine in (("moekit", "llama-server") if r % 2 == 0 else ("llama-server", "moekit")):
-                log_path = work / f"server-{engine}-r{r}.log"
-                log = open(log_path, "w")
-                proc = subprocess.Popen(server_cmd(engine, a, gguf, a.port), stdout=log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-                try:
-                    try:
-                        wait_healthy(url, proc, 600)
-                    except SystemExit:
-                        log.flush()
-                        print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
-                        raise
+                with server_process(server_cmd(engine, a, gguf, a.port), url, work / f"server-{engine}-r{r}.log"):
                     for c in a.concurrency:
                         d = work / f"r{r}-{engine}-c{c}"
                         cmd = [sys.executable, "-m", "moekit", "bench", "serve", url, "--model", "m", "--token-ids",
@@ -157,13 +129,6 @@ def main() -> int:
                         print(f"round {r} {engine} c={c}", flush=True)
                         subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL)
                         raw.setdefault(str(c), {}).setdefault(engine, []).append(summary(d))
-                finally:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(60)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                    log.close()
         by_c = {}
         for c, d in raw.items():
             agg = {}

@@ -1,11 +1,15 @@
-"""Run a server in this process on a free loopback port (tests, notebooks, benchmarks)."""
+"""Run a server in this process on a free loopback port, or any OpenAI-compatible server as a
+subprocess until it is healthy (tests, notebooks, benchmarks)."""
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 from moekit.serve.app import ServerState, create_app
 
@@ -39,6 +43,37 @@ def serve_in_thread(state: ServerState, port: int | None = None, timeout_gracefu
         t.join(10)
         if state.scheduler is not None:
             state.scheduler.shutdown()
+
+
+@contextlib.contextmanager
+def server_process(cmd: list[str], url: str, log: Path, timeout: float = 600):
+    """Start `cmd` (moekit serve, llama-server, ...) with its output in `log`, wait until GET
+    url/health answers 200, yield the process; SIGTERM it on exit (drain), kill after 60 s.
+    RuntimeError with the log's tail when it exits or stays unhealthy."""
+    import httpx
+
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = f"exited with {proc.returncode}" if proc.returncode is not None else f"not healthy after {timeout:.0f} s"
+                raise RuntimeError(f"`{' '.join(map(str, cmd[:6]))} ...` {why}; its log ({log}) ends:\n"
+                                   f"{Path(log).read_text(errors='replace')[-2000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def tiny_state(model_dir=None, preset: str = "tiny-moe", name: str = "tiny", **cfg) -> ServerState:
