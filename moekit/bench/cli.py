@@ -22,8 +22,16 @@ import torch
 
 from moekit.errors import MoekitError
 
-ENGINES = ["moekit", "moekit-packed", "dense", "transformers", "llama.cpp"]
-"""moekit-packed: moekit with `moekit.pack_experts` (packed expert weights; opt-in: --engines)."""
+ENGINES = ["moekit", "moekit-packed", "dense", "transformers", "llama.cpp", "moekit-int8", "moekit-int4",
+           "llama.cpp-q8_0", "llama.cpp-q4_0"]
+"""moekit-packed: moekit with `moekit.pack_experts` (packed expert weights; opt-in: --engines).
+moekit-int8 / moekit-int4: the experts, dense FFNs and output head quantized round-to-nearest,
+group 32, attention int8 (`moekit quantize --scheme int8|int4 --attention int8 --lm-head`);
+llama.cpp-q8_0 / -q4_0: those same codes and scales
+exported to GGUF (moekit's int8 is Q8_0 and its symmetric int4 Q4_0 block for block), so both
+engines read identical weights. Opt-in: --engines."""
+QUANT_ENGINES = {"moekit-int8": "int8", "moekit-int4": "int4", "llama.cpp-q8_0": "int8", "llama.cpp-q4_0": "int4"}
+"""Quantized engines and the scheme their weights are quantized with."""
 DEFAULT_ENGINES = ["moekit", "dense", "transformers", "llama.cpp"]
 
 
@@ -74,8 +82,48 @@ def _prepare(model: str, dtype: torch.dtype, seed: int, engines: list[str], tmp:
                 paths["llama.cpp"] = str(export_gguf(m, tmp / "model.gguf"))
             except CheckpointError as e:
                 skipped["llama.cpp"] = f"no GGUF export for this model ({e})"
+    _prepare_quantized(m, engines, tmp, paths, skipped)
     del m
     return paths, skipped, cfg
+
+
+def _prepare_quantized(m, engines: list[str], tmp: Path, paths: dict, skipped: dict) -> None:
+    """One RTN-quantized copy per scheme the quantized engines need: the moekit checkpoint, and its
+    GGUF export (the same codes and scales) for the llama.cpp ones."""
+    import copy
+
+    from moekit.quant import QuantConfig, QuantError, quantize_rtn, save_quantized
+
+    for scheme in dict.fromkeys(QUANT_ENGINES[e] for e in engines if e in QUANT_ENGINES):
+        mine = [e for e in engines if QUANT_ENGINES.get(e) == scheme]
+        try:
+            # A whole-model file as llama.cpp's Q8_0 / Q4_0 are: attention int8 (moekit's only low-bit
+            # attention; float where it is not grouped-query) and the output head in the scheme too.
+            try:
+                qcfg = QuantConfig(scheme=scheme, group_size=32, attention="int8", lm_head=True)
+                qm = quantize_rtn(copy.deepcopy(m), qcfg)
+            except QuantError:
+                qcfg = QuantConfig(scheme=scheme, group_size=32, lm_head=True)
+                qm = quantize_rtn(copy.deepcopy(m), qcfg)
+            qm.quant_config = qcfg
+            path = save_quantized(qm, qcfg, tmp / f"moekit-{scheme}")
+        except QuantError as e:
+            skipped.update({x: f"cannot quantize this model to {scheme} ({e})" for x in mine})
+            continue
+        for eng in mine:
+            if eng.startswith("moekit"):
+                paths[eng] = str(path)
+            elif importlib.util.find_spec("llama_cpp") is None:
+                skipped[eng] = "llama-cpp-python not installed"
+            else:
+                from moekit.checkpoint.native import CheckpointError
+                from moekit.quant.gguf_export import export_quantized_gguf
+
+                try:
+                    paths[eng] = str(export_quantized_gguf(qm, tmp / f"model-{scheme}.gguf"))
+                except (CheckpointError, QuantError) as e:
+                    skipped[eng] = f"no GGUF export for this model ({e})"
+        del qm
 
 
 def _run_worker(con, eng: str, spec: Path, res: Path, timeout: int):
@@ -185,8 +233,10 @@ def bench_cli(model: str, batch_sizes: list[int] | None = None, prompt_lens: lis
         batch_sizes: batch sizes (default 1 8 32; --quick: 1 4).
         prompt_lens: prompt lengths (default 128 512; --quick: 16).
         new_tokens: decode steps timed per run.
-        engines: engines to run, from moekit moekit-packed dense transformers llama.cpp (default:
-            all but moekit-packed, which is moekit on packed expert weights).
+        engines: engines to run, from moekit moekit-packed dense transformers llama.cpp moekit-int8
+            moekit-int4 llama.cpp-q8_0 llama.cpp-q4_0 (default: moekit dense transformers llama.cpp;
+            moekit-packed is moekit on packed expert weights; the quantized four run the same RTN
+            int8 / int4 codes in both engines, docs/quantization.md).
         dtype: the weights' dtype, the same for every engine (the GGUF for llama.cpp is written in it).
         precision: compute dtype of moekit and transformers: auto (bf16 where the CPU runs it
             natively, else fp32: transformers then loads the weights in fp32, and moekit keeps bf16

@@ -18,6 +18,15 @@ TARGETS = [
     ("decode b8 vs llama.cpp", "decode_tok_s", 8, "llama.cpp", 2.0),
 ]
 
+QUANT_TARGETS = [
+    # (label, metric, batch, moekit engine, engine compared against, minimum ratio): #15's speed bars
+    ("int8 decode b1 vs llama.cpp Q8_0", "decode_tok_s", 1, "moekit-int8", "llama.cpp-q8_0", 1.0),
+    ("int4 decode b1 vs llama.cpp Q4_0", "decode_tok_s", 1, "moekit-int4", "llama.cpp-q4_0", 1.0),
+]
+"""Judged only when one of the pair ran (the quantized engines are opt-in)."""
+QUANTIZED = ("moekit-int8", "moekit-int4", "llama.cpp-q8_0", "llama.cpp-q4_0")
+"""Engines on quantized weights: no roofline bound (the bound model counts bf16/fp32 bytes)."""
+
 
 def _bounds(cfg: ModelConfig, m: Machine, r: dict) -> tuple[dict, dict]:
     return (prefill_bound(cfg, m, r["batch"], r["prompt"]),
@@ -30,6 +39,11 @@ def add_bounds(results: list[dict], cfgs: dict[str, ModelConfig], m: Machine,
     them it reaches; with `rounds` (the machine measured in each round), also the per-round
     fractions, each sample against its own round's bound (what the verdict judges)."""
     for r in results:
+        if r["engine"] in QUANTIZED:
+            r.update(prefill_bound_tok_s=None, prefill_frac=float("nan"), decode_bound_tok_s=None,
+                     decode_frac=float("nan"), decode_bound_kind="not modelled for quantized weights",
+                     decode_frac_rounds=[])
+            continue
         cfg = cfgs["dense"] if r["engine"] == "dense" else cfgs["moe"]
         pb, db = _bounds(cfg, m, r)
         r["prefill_bound_tok_s"], r["prefill_frac"] = pb["tok_s"], bound_ratio(r["prefill_tok_s"], pb["tok_s"])
@@ -62,6 +76,13 @@ def ratios(results: list[dict]) -> list[dict]:
         a, b = _find(results, "moekit", batch, prompt), _find(results, other, batch, prompt)
         v = judge(_round_ratios(a, b, metric) if a and b else [], target, "ratio")
         out.append({"target": label, "prompt": prompt, "min_ratio": target, **v.to_dict()})
+    ran = {r["engine"] for r in results}
+    for label, metric, batch, mine, other, target in QUANT_TARGETS:
+        if mine in ran or other in ran:
+            prompt = prompts[0]
+            a, b = _find(results, mine, batch, prompt), _find(results, other, batch, prompt)
+            v = judge(_round_ratios(a, b, metric) if a and b else [], target, "ratio")
+            out.append({"target": label, "prompt": prompt, "min_ratio": target, **v.to_dict()})
     a = _find(results, "moekit", 1, prompts[0])
     if a:
         v = judge(a.get("decode_frac_rounds") or [a["decode_frac"]], 0.7, "fraction_of_bound")
@@ -145,7 +166,7 @@ def markdown(data: dict) -> str:
     for e in data["engines"]:
         rss = f"{e['peak_rss_bytes'] / 2**30:.2f} GiB" if e.get("peak_rss_bytes") else "-"
         load = f"{e['load_s']:.1f}" if e.get("load_s") is not None else "-"
-        comp = e.get("compute") or ("weights' dtype (gguf)" if e["engine"] == "llama.cpp" else "-")
+        comp = e.get("compute") or ("weights' dtype (gguf)" if e["engine"].startswith("llama.cpp") else "-")
         lines.append(f"| {e['engine']} | {comp} | {rss} | {load} | {e['status']} |")
     lines += ["", "## Targets (ratios from this run)", "",
               "Verdicts (`moekit/bench/verdict.py`): yes/no only with 2+ rounds and the median clearing the target by "

@@ -163,7 +163,7 @@ def _load(spec: dict):
     """(run function, handle) for the spec's engine."""
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[spec["dtype"]]
     eng = spec["engine"]
-    if eng in ("moekit", "moekit-packed", "dense"):
+    if eng in ("moekit", "moekit-packed", "dense", "moekit-int8", "moekit-int4"):
         import moekit
 
         if eng == "dense":
@@ -199,7 +199,7 @@ def _load(spec: dict):
         spec["compute"] = str(tdt).removeprefix("torch.")
         model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=tdt).eval()
         return run_transformers, model
-    if eng == "llama.cpp":
+    if eng in ("llama.cpp", "llama.cpp-q8_0", "llama.cpp-q4_0"):
         n_seq = max(spec["batch_sizes"])
         n_ctx = n_seq * (max(spec["prompt_lens"]) + spec["new_tokens"] + 8)
         return run_llamacpp, LlamaCpp(spec["path"], spec["threads"], n_ctx, n_seq)

@@ -8,7 +8,7 @@ d head dim, L keys.
 One extension module per CPU tier (`isa.tier()`, forced lower with MOEKIT_CPU_ISA), compiled on
 first use from `simd.h` (the SIMD layer: vector width, loads that widen bf16, FMA, horizontal sums),
 `moe_cpu.cpp` (inference), `packed_cpu.cpp` (inference on expert weights packed by
-`pack_experts`), `train_cpu.cpp` (training) and `alloc_cpu.cpp` (the caching CPU allocator) with
+`pack_experts`), `quant_cpu.cpp` (int8 / int4 / MXFP4 weights, `moekit.kernels.quant`), `train_cpu.cpp` (training) and `alloc_cpu.cpp` (the caching CPU allocator) with
 `torch.utils.cpp_extension.load_inline` (needs a C++ compiler and ninja; ~30-60 s once per tier,
 then cached under torch's extension directory). Explicit flags, never -march=native:
 
@@ -172,7 +172,7 @@ TIER_FLAGS = {
 BUILD_TIER = {"avx2": "avx2", "avx512": "avx512", "avx512bf16": "avx512bf16", "amx": "avx512bf16"}
 """The module each tier runs: amx shares the avx512bf16 code (oneDNN does the AMX GEMMs)."""
 
-SOURCES = ("simd.h", "moe_cpu.cpp", "packed_cpu.cpp", "train_cpu.cpp", "alloc_cpu.cpp")
+SOURCES = ("simd.h", "moe_cpu.cpp", "packed_cpu.cpp", "quant_cpu.cpp", "train_cpu.cpp", "alloc_cpu.cpp")
 """Concatenated in this order into one translation unit (later files use earlier helpers)."""
 
 FUNCTIONS = [
@@ -180,6 +180,8 @@ FUNCTIONS = [
     "moe_experts", "moe_experts_topk", "linear_small", "decode_attention", "silu_mul", "combine_rows",
     # inference on packed weights (packed_cpu.cpp)
     "moe_experts_packed", "moe_experts_topk_packed",
+    # inference on low-bit weights (quant_cpu.cpp; Python side: moekit.kernels.quant)
+    "moe_experts_topk_q", "linear_q", "quantize_rows_q8",
     # training (train_cpu.cpp)
     "cross_entropy_rows", "causal_softmax_fwd", "causal_softmax_bwd", "rope_rows", "sum_rows",
     "combine_rows_backward", "silu_mul_backward", "rms_norm_fwd", "rms_norm_bwd",

@@ -124,6 +124,14 @@ def sink_attention(q_BHSd: torch.Tensor, k_BGLd: torch.Tensor, v_BGLd: torch.Ten
     return torch.matmul(p_BGRSL, v_BGLd.unsqueeze(2)).view(B, H, S, d).to(q_BHSd.dtype)
 
 
+def project(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A projection by `lin`: a quantized linear (moekit.quant, it has `qweight`) runs its own forward
+    (the low-bit kernel at decode, not a dequantized `.weight` per call), a float one `decode_linear`."""
+    if hasattr(lin, "qweight"):
+        return lin(x)
+    return decode_linear(x, lin.weight, lin.bias)
+
+
 def decode_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, or the compiled small-M CPU kernel (`moekit.kernels.linear`) for decode-sized
     inputs (at most `kernels.max_linear_rows` rows, no autograd): oneDNN's bf16 GEMV reads weights at about
@@ -253,7 +261,7 @@ class Attention(nn.Module):
         from moekit.model.rope import apply_rope
 
         B, S, _ = x_BSD.shape
-        qkv = decode_linear(x_BSD, self.wqkv.weight, self.wqkv.bias)
+        qkv = project(self.wqkv, x_BSD)
         q, k, v = qkv.split([self.q_out, self.kv_out, self.kv_out], dim=-1)
         if self.q_norm is not None and self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -310,7 +318,7 @@ class Attention(nn.Module):
                 o = F.scaled_dot_product_attention(q_BHSd, kc[:, :, :seen].to(q_BHSd.dtype),
                                                    vc[:, :, :seen].to(q_BHSd.dtype), attn_mask=mask_B1SL,
                                                    scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
-        return decode_linear(o.transpose(1, 2).reshape(B, S, -1), self.wo.weight, self.wo.bias)
+        return project(self.wo, o.transpose(1, 2).reshape(B, S, -1))
 
     @staticmethod
     def _write_cache(cache: tuple[torch.Tensor, torch.Tensor], k_BGSd: torch.Tensor, v_BGSd: torch.Tensor,

@@ -183,8 +183,11 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if logits_at is not None:
             x = x[torch.arange(B, device=dev), logits_at].unsqueeze(1)
-        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = decode_linear(x, w)  # the compiled GEMV at decode (logits_at / one token per row)
+        if self.lm_head is not None and hasattr(self.lm_head, "qweight"):  # quantized head (moekit.quant)
+            logits = self.lm_head(x)
+        else:
+            w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+            logits = decode_linear(x, w)  # the compiled GEMV at decode (logits_at / one token per row)
         out = ModelOutput(logits=logits, routing=tuple(routings))
         moe_r = [r for r in routings if r is not None]
         if moe_r:

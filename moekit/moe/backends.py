@@ -16,6 +16,8 @@ Built-in backends, in selection order:
 - `masked`: dynamic-k / budget routing (some slots unused): drops the unused slots, then runs the
   rest like `skip` does (moekit.memory.skip, registered ahead of it, honours the mask too).
 - `cpu-packed`: CPU inference on weights packed by `pack_experts` (one outer-product kernel call).
+- `cpu-quant` (registered by moekit.quant.backend): quantized experts (int8 / int4 / MXFP4) at decode
+  sizes, integer dot products on the packed codes in one kernel call.
 - `cpu-fused-topk`: CPU inference at decode sizes: grouping, experts and combine in one kernel call.
 - `cpu-grouped`: CPU inference: dispatch, small experts in the compiled kernel and big ones in
   oneDNN/MKL, fused weighted combine.
@@ -340,7 +342,7 @@ def would_use(layer: "MoELayer", tokens: int, dtype: torch.dtype | None = None, 
               device: str | torch.device = "cpu") -> str:
     """The backend (with its tier) a layer would pick for `tokens` tokens: for `moekit doctor`."""
     ex = layer.experts
-    dt = dtype or next(ex.parameters()).dtype
+    dt = dtype or next(iter([*ex.parameters(), layer.router.weight])).dtype  # quantized experts: no parameters
     x = torch.zeros(tokens, getattr(ex, "dim", layer.router.weight.shape[-1]), dtype=dt, device=device)
     k = layer.cfg.top_k
     ids = (torch.arange(tokens * k, device=device) % layer.cfg.num_experts).view(tokens, k)

@@ -5,6 +5,7 @@
 (moekit.quant.cli.run_report) measures what it did to routing and quality. See docs/quantization.md.
 """
 
+from moekit.quant import backend as _backend  # registers the cpu-quant expert backend
 from moekit.quant.apply import quantize_rtn
 from moekit.quant.calibrate import quantize_model
 from moekit.quant.checkpoint import save_quantized

@@ -3,9 +3,11 @@
 Shape legend: E experts, F expert hidden dim, D model dim, H = 2F (gated) or F, S rows grouped by
 expert, N rows of one expert, O/I a matrix's output/input dims.
 
-Compute is the torch fallback: each call dequantizes the weights it needs (one expert at a time) to
-the activations' dtype and runs F.linear. Fast low-bit kernels are separate backends of the
-expert-execution interface; these modules only define the storage and the reference numerics.
+Compute: at decode sizes (up to `moekit.kernels.quant.MAX_ROWS` rows on CPU) the stacked experts
+run in the `cpu-quant` expert backend (moekit.quant.backend) and the linears in the same low-bit
+kernel (int8 activations x the packed codes); otherwise, and as the reference (`expert_forward`,
+which the reference loop calls), each call dequantizes the weights it needs (one expert at a time)
+to the activations' dtype and runs F.linear.
 """
 
 from __future__ import annotations
@@ -245,6 +247,20 @@ class QuantizedExperts(nn.Module):
         return out_SD
 
 
+def kernel_code(q: QuantizedTensor, x: torch.Tensor) -> int | None:
+    """The low-bit kernel's scheme code when it should run `x @ q.T` now (CPU, float32 / bf16 rows,
+    1..`kernels.quant.MAX_ROWS` of them, no autograd, a scheme it decodes, kernels built), else None."""
+    from moekit import kernels
+    from moekit.kernels import quant as kq
+
+    if x.device.type != "cpu" or q.q.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if not 0 < x.numel() // max(1, x.shape[-1]) <= kq.MAX_ROWS or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    code = kq.scheme_code(q.scheme, q.zero_point, q.group_size)
+    return code if code is not None and kernels.available() else None
+
+
 class QuantizedLinear(nn.Module):
     """Drop-in for a bias-optional nn.Linear whose `weight` is read directly (attention's fused
     projections, the output head): `weight` is a property that dequantizes on each access."""
@@ -277,6 +293,13 @@ class QuantizedLinear(nn.Module):
         return self.qweight.dequantize(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        code = kernel_code(self.qweight, x)
+        if code is not None:  # decode rows: the integer-dot kernel on the codes (moekit.kernels.quant)
+            from moekit.kernels import quant as kq
+
+            q = self.qweight
+            y = kq.linear_q(x, q.q, q.scale, q.zero, code, q.group_size)
+            return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
         return F.linear(x, self.qweight.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
