@@ -148,6 +148,8 @@ def widen_compute(model: torch.nn.Module, compute: torch.dtype = torch.float32) 
         elif p.is_floating_point() and p.dtype != compute:
             p.data = p.data.to(compute)
     for mod in model.modules():
+        if getattr(mod, "keeps_storage_dtype", False):  # quantized codes and float16 scales (moekit.quant)
+            continue
         for k, b in list(mod._buffers.items()):
             if b is not None and b.is_floating_point() and b.dtype != compute:
                 mod._buffers[k] = b.to(compute)

@@ -208,3 +208,27 @@ def test_quantized_generate_tokens_match_the_reference_backend():
     backends.set_backend(q, "reference")
     ref = [g.tokens for g in generate(q, prompts, max_new_tokens=12, temperature=0.0)]
     assert fast == ref
+
+
+def test_fp32_compute_policy_keeps_the_quantized_storage(monkeypatch):
+    """On a CPU without native bf16 (forced here with the avx2 tier) the fp32 policy widens the float
+    parts of a quantized model but leaves codes and float16 scales as stored, so decode still runs the
+    low-bit kernel (it once cast the scales to fp32, and the kernel refused them)."""
+    if "avx2" not in isa.supported_tiers():
+        pytest.skip("no avx2 tier here")
+    monkeypatch.setenv(isa.ENV, "avx2")
+    require_kernels("avx2")
+    from moekit.precision import apply_inference_policy
+    from moekit.quant.calibrate import quantize_model
+
+    cfg = moekit.resolve_config("tiny-moe")
+    q, _ = quantize_model(moekit.build_model(cfg, seed=0, dtype=torch.bfloat16).eval(), "int4", 32,
+                          attention="int8", lm_head=True)
+    apply_inference_policy(q, "auto")
+    qts = [m for m in q.modules() if isinstance(m, QuantizedTensor)]
+    assert qts and all(m.scale.dtype == torch.float16 for m in qts)
+    layer = next(m for m in q.modules() if hasattr(m, "router") and hasattr(m, "experts"))
+    assert backends.would_use(layer, 1, dtype=torch.float32) == "cpu-quant[avx2]"
+    from moekit.inference.engine import generate
+
+    assert len(generate(q, [[1, 2, 3]], max_new_tokens=4, temperature=0.0)[0].tokens) == 4

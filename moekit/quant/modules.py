@@ -33,6 +33,9 @@ class QuantizedTensor(nn.Module):
     whatever dtype the caller computes in.
     """
 
+    keeps_storage_dtype = True
+    """Dtype policies (moekit.precision.widen_compute) leave these buffers as stored."""
+
     def __init__(self, shape: tuple[int, ...], scheme: str, group_size: int, zero_point: bool = False,
                  device: torch.device | str | None = None):
         super().__init__()
