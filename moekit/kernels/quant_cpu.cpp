@@ -318,6 +318,10 @@ void moe_q_impl(const torch::Tensor& x, const TopkGroups& g, const QStack& w13, 
   at::parallel_for(0, T, 1, [&](int64_t lo, int64_t hi) { quantize_rows(x.data_ptr<float>(), lo, hi, xq); });
   std::vector<float> a(A * F);
   at::parallel_for(0, F, 16, [&](int64_t lo, int64_t hi) {
+    // Raw gate / up sums of this thread's hidden units, then one vectorised activation pass per row
+    // (a scalar exp per unit cost ~10% of a decode-sized call).
+    const int64_t n = hi - lo;
+    std::vector<float> gb(kMaxMB * n), ub(kMaxMB * n);
     float gs[kMaxMB], us[kMaxMB];
     for (int64_t e = 0; e < E; ++e) {
       if (counts[e] <= 0) continue;
@@ -329,10 +333,13 @@ void moe_q_impl(const torch::Tensor& x, const TopkGroups& g, const QStack& w13, 
           qrow_dot_m<S>(we, j, xq, xr, mb, gs);
           if (gated) qrow_dot_m<S>(we, F + j, xq, xr, mb, us);
           for (int m = 0; m < mb; ++m) {
-            const float v = gated ? (act == 0 ? silu(gs[m]) : gelu(gs[m])) * us[m] : gelu(gs[m]);
-            a[(starts[e] + m0 + m) * F + j] = v;
+            gb[m * n + j - lo] = gs[m];
+            ub[m * n + j - lo] = us[m];
           }
         }
+        for (int m = 0; m < mb; ++m)
+          activate_row<float>(gb.data() + m * n, gated ? ub.data() + m * n : nullptr, n, act,
+                              a.data() + (starts[e] + m0 + m) * F + lo);
       }
     }
   });
