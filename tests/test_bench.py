@@ -430,3 +430,31 @@ def test_rejudge_an_earlier_run(tmp_path):
 
         bench_cli("tiny-mixtral", rejudge=Path(tmp_path / "missing.json"), out=tmp_path / "o2")
     assert json.loads(src.read_text())["results"][0]["p99_ms"] == 9.0  # the input file is left as it was
+
+
+def test_quantized_engines_share_the_same_codes(tmp_path):
+    """moekit-int8 / llama.cpp-q8_0 get one RTN quantization: the moekit checkpoint and a GGUF holding
+    its codes as Q8_0 blocks; the quantized targets are judged only when one of a pair ran, and the
+    quantized rows carry no roofline bound (the bound model counts float bytes)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python not installed")
+    import gguf
+
+    from moekit.bench.cli import _prepare_quantized
+    from moekit.quant.checkpoint import is_quantized, read_config
+
+    m = moekit.build_model(moekit.get_preset("tiny-moe"), seed=0, dtype=torch.bfloat16).eval()
+    paths, skipped = {}, {}
+    _prepare_quantized(m, ["moekit", "moekit-int8", "llama.cpp-q8_0"], tmp_path, paths, skipped)
+    assert not skipped and is_quantized(paths["moekit-int8"])
+    _, qcfg = read_config(paths["moekit-int8"])
+    assert (qcfg.scheme, qcfg.group_size, qcfg.attention, qcfg.lm_head) == ("int8", 32, "int8", True)
+    types = {t.tensor_type.name for t in gguf.GGUFReader(paths["llama.cpp-q8_0"]).tensors}
+    assert "Q8_0" in types
+    rs = [_result("moekit-int8", 1, 128, 100, 40), _result("llama.cpp-q8_0", 1, 128, 100, 50)]
+    report.add_bounds(rs, {"moe": m.config, "dense": moekit.dense_equivalent(m.config)},
+                      roofline.Machine(32.0, 2300.0, "bfloat16", 2, "cpu"))
+    assert rs[0]["decode_bound_tok_s"] is None
+    t = {r["target"]: r for r in report.ratios(rs)}
+    assert t["int8 decode b1 vs llama.cpp Q8_0"]["ratio"] == pytest.approx(0.8)
+    assert "int4 decode b1 vs llama.cpp Q4_0" not in t
