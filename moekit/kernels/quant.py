@@ -24,10 +24,20 @@ from moekit import kernels
 SCHEME_CODES = {"int8": 0, "int4": 1, "int4-zp": 2, "mxfp4": 3}
 """Schemes the kernels decode, by the name `scheme_code` returns for a quantized tensor."""
 
-MAX_ROWS = 8
-"""Tokens up to which the quantized expert block runs in the kernel (a GEMV per weight row: each
-block decoded once for up to 8 rows). Above, the `torch` backend's per-expert path (dequantized
-weights in oneDNN's GEMM, or torch's int4 matmul) does the compute-bound work faster."""
+MAX_ROWS = 256
+"""Tokens per call up to which the quantized expert block runs in the kernel; above, the `torch`
+backend's per-expert path (every expert with rows dequantized, then oneDNN's GEMM; or torch's int4
+matmul after `pack_int4`). The kernel's cost grows with the rows, the dequantization's with the
+weights, so the crossover is a row count. Measured on one tiny-Mixtral layer (8 experts of
+1024 x 2816, top-2, bf16 tokens, 2 threads, AMD EPYC Zen 4; `python benchmarks/quant_crossover.py`,
+benchmarks/results/quant_crossover.md): int8 kernel 15.9 vs 49.7 ms at 64 tokens, a tie at 256
+(65.9 vs 63.3), behind at 512 (161.6 vs 110.5); int4 ahead to 256 (57.9 vs 89.0), a tie at 512;
+against torch's int4 matmul, within the noise from 128 to 512."""
+
+MAX_LINEAR_ROWS = 16
+"""Rows up to which a quantized linear (attention, dense FFN, head) runs in the kernel. A small
+matrix dequantizes quickly: 1536 x 1024 int8, kernel 0.45 vs 0.60 ms at 16 rows, 0.94 vs 0.75 at
+32; the 32000-row int4 head stays ahead to 128 rows (60.5 vs 109.2 ms; same benchmark)."""
 
 
 def scheme_code(scheme: str, zero_point: bool, group_size: int) -> int | None:

@@ -7,10 +7,10 @@ multiplied with int8-quantized activations (moekit.kernels.quant), grouping, bot
 activation and the weighted combine in one call, on every CPU tier the kernels build for (integer
 dot products: vpdpbusd on the AVX-512 tiers, vpmaddubsw on AVX2).
 
-It applies to local, dropless, no-grad CPU calls of up to `kernels.quant.MAX_ROWS` tokens on
-bias-free experts with a kernel activation and a scheme the kernel decodes (not q4_k). Above that
-size the `torch` backend runs (oneDNN's GEMM on dequantized weights, or torch's int4 matmul after
-`pack_int4`): prefill is compute-bound, where integer GEMVs per row lose.
+It applies to local, dropless, no-grad CPU calls of up to `kernels.quant.MAX_ROWS` tokens (decode
+and prefill chunks) on bias-free experts with a kernel activation and a scheme the kernel decodes
+(not q4_k). Above that size the `torch` backend runs (oneDNN's GEMM on dequantized weights, or
+torch's int4 matmul after `pack_int4`): there the dequantization's fixed cost is the smaller one.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def kernel_applies(ex: QuantizedExperts, x: torch.Tensor) -> str | None:
         return f"tokens are {x.dtype} (the kernel takes float32 or bfloat16)"
     rows = x.shape[0]
     if not 0 < rows <= kq.MAX_ROWS:
-        return f"{rows} tokens: the quantized kernel runs 1..{kq.MAX_ROWS} (decode); larger batches use `torch`"
+        return f"{rows} tokens: the quantized kernel runs 1..{kq.MAX_ROWS}; larger batches use `torch`"
     if torch.is_grad_enabled() and x.requires_grad:
         return "autograd is recording (inference-only backend)"
     if not kernels.available():

@@ -3,9 +3,9 @@
 Shape legend: E experts, F expert hidden dim, D model dim, H = 2F (gated) or F, S rows grouped by
 expert, N rows of one expert, O/I a matrix's output/input dims.
 
-Compute: at decode sizes (up to `moekit.kernels.quant.MAX_ROWS` rows on CPU) the stacked experts
-run in the `cpu-quant` expert backend (moekit.quant.backend) and the linears in the same low-bit
-kernel (int8 activations x the packed codes); otherwise, and as the reference (`expert_forward`,
+Compute: on CPU, calls of up to `moekit.kernels.quant.MAX_ROWS` tokens run the stacked experts in
+the `cpu-quant` expert backend (moekit.quant.backend), and linears of up to `MAX_LINEAR_ROWS` rows
+run in the same low-bit kernel (int8 activations x the packed codes); otherwise, and as the reference (`expert_forward`,
 which the reference loop calls), each call dequantizes the weights it needs (one expert at a time)
 to the activations' dtype and runs F.linear.
 """
@@ -252,13 +252,13 @@ class QuantizedExperts(nn.Module):
 
 def kernel_code(q: QuantizedTensor, x: torch.Tensor) -> int | None:
     """The low-bit kernel's scheme code when it should run `x @ q.T` now (CPU, float32 / bf16 rows,
-    1..`kernels.quant.MAX_ROWS` of them, no autograd, a scheme it decodes, kernels built), else None."""
+    1..`kernels.quant.MAX_LINEAR_ROWS` of them, no autograd, a scheme it decodes, kernels built), else None."""
     from moekit import kernels
     from moekit.kernels import quant as kq
 
     if x.device.type != "cpu" or q.q.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if not 0 < x.numel() // max(1, x.shape[-1]) <= kq.MAX_ROWS or (torch.is_grad_enabled() and x.requires_grad):
+    if not 0 < x.numel() // max(1, x.shape[-1]) <= kq.MAX_LINEAR_ROWS or (torch.is_grad_enabled() and x.requires_grad):
         return None
     code = kq.scheme_code(q.scheme, q.zero_point, q.group_size)
     return code if code is not None and kernels.available() else None
