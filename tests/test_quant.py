@@ -150,11 +150,16 @@ def test_quantized_layer_matches_reference_loop_and_keeps_router(scheme, zp):
     assert isinstance(layer.experts, QuantizedExperts)
     x = torch.randn(2, 9, cfg.dim)
     with torch.no_grad():
+        y_kernel, _ = layer(x)  # 18 tokens on CPU: the cpu-quant kernel (int8 activations)
+        layer.backend = "torch"  # the generic path: dequantized experts, exact
         y, _ = layer(x)
+        layer.backend = None
         r = layer.router(x.reshape(-1, cfg.dim))
         ref = loop_reference(x.reshape(-1, cfg.dim), r.topk_ids_TK, r.topk_weights_TK, layer.experts)
         ref = ref + layer.shared(x.reshape(-1, cfg.dim))
     torch.testing.assert_close(y.reshape(-1, cfg.dim), ref, rtol=1e-5, atol=1e-6)
+    # The kernel differs only by its activation rounding (tests/test_quant_kernels.py holds it exactly).
+    assert float((y_kernel.reshape(-1, cfg.dim) - ref).norm() / ref.norm()) < 0.03
     # Router, norms and embeddings are untouched (bit-identical).
     sd_m, sd_q = m.state_dict(), q.state_dict()
     for k, v in sd_m.items():
