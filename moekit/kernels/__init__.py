@@ -8,7 +8,8 @@ d head dim, L keys.
 One extension module per CPU tier (`isa.tier()`, forced lower with MOEKIT_CPU_ISA), compiled on
 first use from `simd.h` (the SIMD layer: vector width, loads that widen bf16, FMA, horizontal sums),
 `moe_cpu.cpp` (inference), `packed_cpu.cpp` (inference on expert weights packed by
-`pack_experts`), `quant_cpu.cpp` (int8 / int4 / MXFP4 weights, `moekit.kernels.quant`), `train_cpu.cpp` (training) and `alloc_cpu.cpp` (the caching CPU allocator) with
+`pack_experts`), `quant_cpu.cpp` (int8 / int4 / MXFP4 weights, `moekit.kernels.quant`),
+`train_cpu.cpp` (training) and `alloc_cpu.cpp` (the caching CPU allocator) with
 `torch.utils.cpp_extension.load_inline` (needs a C++ compiler and ninja; ~30-60 s once per tier,
 then cached under torch's extension directory). Explicit flags, never -march=native:
 
