@@ -96,16 +96,18 @@ def main() -> None:
 
     res = {"command": "python benchmarks/quant_crossover.py --threads %d" % a.threads,
            "machine": f"{_machine_desc()}; kernels tier {kernels.tier()}", "rows": rows}
+    from moekit.checkpoint.native import atomic_write_text
+
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(res, indent=2))
     lines = ["# Low-bit kernel vs dequantize + GEMM, by rows per call", "", f"`{res['command']}`; {res['machine']}.",
              "Best of 5 calls, side by side.", "",
              "| what | rows | kernel ms | torch ms | kernel / torch |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['what']} | {r['rows']} | {r['kernel_ms']:.2f} | {r['torch_ms']:.2f} | "
                      f"{r['kernel_ms'] / r['torch_ms']:.2f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

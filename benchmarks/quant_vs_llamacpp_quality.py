@@ -216,9 +216,11 @@ def main() -> None:
         res["bf16_mb"] = bf16.stat().st_size / 1e6
     res["rows"] = rows
     res["wall_s"] = time.perf_counter() - t0
+    from moekit.checkpoint.native import atomic_write_text
+
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(res, indent=2))
     lines = [f"# int4 vs llama.cpp Q4_K_M / Q4_0: {res['model']}", "",
              f"`{res['command']}`; {res['machine']}; llama-cpp-python {res['llama_cpp_python']}; "
              f"{a.windows} windows x {a.seq} tokens of en-prose val. bf16 GGUF {res['bf16_mb']:.0f} MB.", "",
@@ -231,7 +233,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['model']} | {r['engine']} | {r['kl']:.5f} | {r['kl_p99']:.4f} | {r['same_top_token']:.4f} | "
                      f"{r['mb']:.0f} | {r['note']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

